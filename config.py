@@ -1,0 +1,154 @@
+"""The frozen configuration every library module reads instead of absl FLAGS.
+
+`run.py` is the only reader of flags: it builds one `Config` from them and
+passes it down. Tests and notebooks build a `Config` directly, e.g.
+`Config(resnet_depth=18, image_size=32)`.
+
+Field names, types and defaults are those of the original TF2 `run.py` flags,
+so that a flag means the same thing here as there.
+"""
+import dataclasses
+from typing import Optional
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+TRAIN_MODES = ('pretrain', 'finetune')
+MODES = ('train', 'eval', 'train_then_eval')
+OPTIMIZERS = ('momentum', 'adam', 'lars')
+LR_SCALINGS = ('linear', 'sqrt')
+PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names it and what is expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every hyper-parameter of a run (see README for the meaning of each)."""
+  # Optimisation.
+  learning_rate: float = 0.3
+  learning_rate_scaling: str = 'linear'
+  warmup_epochs: float = 10.
+  weight_decay: float = 1e-6
+  optimizer: str = 'lars'
+  momentum: float = 0.9
+  # Steps and batches.
+  train_batch_size: int = 512
+  train_epochs: int = 100
+  train_steps: int = 0
+  eval_steps: int = 0
+  eval_batch_size: int = 256
+  checkpoint_epochs: int = 1
+  checkpoint_steps: int = 0
+  # Data.
+  dataset: str = 'imagenet2012'
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  cache_dataset: bool = False
+  data_dir: Optional[str] = None
+  image_size: int = 224
+  color_jitter_strength: float = 1.0
+  use_blur: bool = True
+  # What to run.
+  mode: str = 'train'
+  train_mode: str = 'pretrain'
+  lineareval_while_pretraining: bool = True
+  checkpoint: Optional[str] = None
+  zero_init_logits_layer: bool = False
+  fine_tune_after_block: int = -1
+  model_dir: Optional[str] = None
+  keep_checkpoint_max: int = 5
+  keep_hub_module_max: int = 1
+  eval_name: Optional[str] = None
+  # Loss.
+  temperature: float = 0.1
+  hidden_norm: bool = True
+  # Heads.
+  proj_head_mode: str = 'nonlinear'
+  proj_out_dim: int = 128
+  num_proj_layers: int = 3
+  ft_proj_selector: int = 0
+  # Encoder.
+  global_bn: bool = True
+  batch_norm_decay: float = 0.9
+  # The original's flag is an integer; fractions whose channel counts come
+  # out whole (0.125, 0.0625) are accepted to load narrow models.
+  width_multiplier: float = 1
+  resnet_depth: int = 50
+  sk_ratio: float = 0.
+  se_ratio: float = 0.
+
+  @property
+  def cifar_stem(self):
+    """The original switches to the 3x3 stride-1 stem for small images."""
+    return self.image_size <= 32
+
+  @property
+  def has_supervised_head(self):
+    return self.train_mode == 'finetune' or self.lineareval_while_pretraining
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def validate(self):
+    """Raises ConfigError (one line) for the first invalid value found."""
+    _one_of('train_mode', self.train_mode, TRAIN_MODES)
+    _one_of('mode', self.mode, MODES)
+    _one_of('optimizer', self.optimizer, OPTIMIZERS)
+    _one_of('learning_rate_scaling', self.learning_rate_scaling, LR_SCALINGS)
+    _one_of('proj_head_mode', self.proj_head_mode, PROJ_HEAD_MODES)
+    _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
+    _at_least('train_batch_size', self.train_batch_size, 1)
+    _at_least('eval_batch_size', self.eval_batch_size, 1)
+    _at_least('train_epochs', self.train_epochs, 0)
+    _at_least('train_steps', self.train_steps, 0)
+    _at_least('warmup_epochs', self.warmup_epochs, 0)
+    _at_least('weight_decay', self.weight_decay, 0)
+    _at_least('image_size', self.image_size, 1)
+    _at_least('proj_out_dim', self.proj_out_dim, 1)
+    _at_least('num_proj_layers', self.num_proj_layers, 1)
+    if self.temperature <= 0:
+      raise ConfigError(
+          f'temperature={self.temperature}: expected a positive number.')
+    if not 0 <= self.batch_norm_decay < 1:
+      raise ConfigError(f'batch_norm_decay={self.batch_norm_decay}: '
+                        'expected a value in [0, 1).')
+    if not 0 <= self.sk_ratio < 1 or not 0 <= self.se_ratio <= 1:
+      raise ConfigError(f'sk_ratio={self.sk_ratio}, se_ratio={self.se_ratio}:'
+                        ' expected sk_ratio in [0, 1) and se_ratio in [0, 1].')
+    if self.width_multiplier <= 0 or (
+        64 * self.width_multiplier) != int(64 * self.width_multiplier):
+      raise ConfigError(
+          f'width_multiplier={self.width_multiplier}: expected a positive '
+          'number that makes 64 * width_multiplier a whole channel count.')
+    if not -1 <= self.fine_tune_after_block <= 4:
+      raise ConfigError(
+          f'fine_tune_after_block={self.fine_tune_after_block}: expected -1 '
+          '(train everything) or a block group 0..4.')
+    if self.train_mode == 'pretrain' and self.fine_tune_after_block > -1:
+      raise ConfigError(
+          f'fine_tune_after_block={self.fine_tune_after_block} with '
+          'train_mode=pretrain: layer freezing is for finetune only; use -1.')
+    if self.train_mode == 'pretrain' and self.proj_head_mode == 'none':
+      raise ConfigError(
+          'proj_head_mode=none with train_mode=pretrain: the contrastive loss '
+          'needs a projection head (linear or nonlinear).')
+    num_hiddens = self.num_proj_layers if self.proj_head_mode == 'nonlinear' \
+        else 1 if self.proj_head_mode == 'linear' else 0
+    if not -(num_hiddens + 1) <= self.ft_proj_selector <= num_hiddens:
+      raise ConfigError(
+          f'ft_proj_selector={self.ft_proj_selector}: expected a value in '
+          f'[{-(num_hiddens + 1)}, {num_hiddens}] for proj_head_mode='
+          f'{self.proj_head_mode} with num_proj_layers={self.num_proj_layers}.')
+    return self
+
+
+def _one_of(name, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f'{name}={value!r}: expected one of '
+                      f'{", ".join(map(str, allowed))}.')
+
+
+def _at_least(name, value, low):
+  if value < low:
+    raise ConfigError(f'{name}={value}: expected a value >= {low}.')

@@ -1,0 +1,28 @@
+"""Training and evaluation metrics: their updates and their summaries."""
+from absl import logging
+import tensorflow as tf
+
+
+def contrastive_accuracy(logits_con, labels_con):
+  """Fraction of view-1 anchors whose most similar view 2 is their positive."""
+  correct = tf.equal(tf.argmax(labels_con, 1), tf.argmax(logits_con, 1))
+  return tf.reduce_mean(tf.cast(correct, tf.float32))
+
+
+def contrastive_entropy(logits_con):
+  """Mean entropy of the softmax over view-2 candidates (a collapse signal)."""
+  prob = tf.nn.softmax(logits_con)
+  return -tf.reduce_mean(tf.reduce_sum(prob * tf.math.log(prob + 1e-8), -1))
+
+
+def supervised_accuracy(labels, logits):
+  correct = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
+  return tf.reduce_mean(tf.cast(correct, tf.float32))
+
+
+def log_and_write_metrics_to_summary(all_metrics, global_step):
+  """Logs each Keras metric's result and writes it as a scalar summary."""
+  for metric in all_metrics:
+    value = float(metric.result().numpy())
+    logging.info('Step: [%d] %s = %f', global_step, metric.name, value)
+    tf.summary.scalar(metric.name, value, step=global_step)

@@ -1,0 +1,29 @@
+"""Shared test set-up: import path, two logical CPUs, reference-data paths."""
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('SIMCLR_SHARED', ROOT.parent / 'shared'))
+FIXTURES_DET = SHARED / 'fixtures_det'
+FIXTURES = SHARED / 'fixtures'
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+# Two logical CPU devices, so MirroredStrategy tests have two replicas. Must
+# happen before TensorFlow initialises its devices.
+_cpus = tf.config.list_physical_devices('CPU')
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def require(path):
+  """Skips the calling test, naming the path, when reference data is absent."""
+  if not pathlib.Path(path).exists():
+    pytest.skip(f'reference data not found: {path} (set SIMCLR_SHARED)')
+  return pathlib.Path(path)
