@@ -1,0 +1,62 @@
+"""Helpers shared by the parity tests: configs, manifests, checkpoint keys."""
+import json
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.checkpoint import graph_view
+from tensorflow.python.checkpoint import util as checkpoint_util
+
+import config as config_lib
+
+SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
+
+
+def config_from_flags(flags, **overrides):
+  """A Config from a dict of the original's flag values (extra keys ignored)."""
+  fields = config_lib.Config.__dataclass_fields__
+  values = {k: v for k, v in flags.items() if k in fields}
+  values.update(overrides)
+  return config_lib.Config(**values)
+
+
+def variables_by_key(root):
+  """{checkpoint key: variable} of `root`, as tf.train.Checkpoint names them."""
+  view = graph_view.ObjectGraphView(root)
+  objects, _, _, _, paths = (
+      checkpoint_util.objects_ids_and_slot_variables_and_paths(view))
+  return {paths[o]: o for o in objects if isinstance(o, tf.Variable)}
+
+
+def read_manifest(path):
+  """{key: (dtype, shape, *rest)} from a tab-separated manifest file."""
+  entries = {}
+  for line in open(path):
+    if line.startswith('#') or not line.strip():
+      continue
+    key, dtype, shape, *rest = line.rstrip('\n').split('\t')
+    if key.endswith(SUFFIX):
+      key = key[:-len(SUFFIX)]
+    entries[key] = (dtype, json.loads(shape), *rest)
+  return entries
+
+
+def checkpoint_listing(prefix):
+  """{key: (dtype, shape)} of a saved checkpoint, suffixes stripped."""
+  reader = tf.train.load_checkpoint(prefix)
+  dtypes = reader.get_variable_to_dtype_map()
+  shapes = reader.get_variable_to_shape_map()
+  listing = {}
+  for key, shape in shapes.items():
+    if key == '_CHECKPOINTABLE_OBJECT_GRAPH':
+      continue
+    name = key[:-len(SUFFIX)] if key.endswith(SUFFIX) else key
+    listing[name] = (dtypes[key].name, list(shape))
+  return listing
+
+
+def max_rel_diff(actual, expected):
+  """max |a - e| / max(1, max |e|): the error relative to the output's scale."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  scale = max(1.0, float(np.abs(expected).max()))
+  return float(np.abs(actual.astype(np.float64) - expected).max()) / scale
