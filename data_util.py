@@ -18,6 +18,7 @@ def gaussian_blur(image, kernel_size, sigma, padding='SAME'):
     padding: 'SAME' (zero padding, so borders darken, as in the original) or
       'VALID'.
   """
+  image = tf.convert_to_tensor(image, tf.float32)
   radius = int(kernel_size / 2)
   taps = tf.cast(tf.range(-radius, radius + 1), tf.float32)
   sigma = tf.cast(sigma, tf.float32)

@@ -20,7 +20,17 @@ def cross_replica_concat(tensor, strategy=None):
   """
   if strategy is None or strategy.num_replicas_in_sync <= 1:
     return tensor
-  return tf.distribute.get_replica_context().all_gather(tensor, axis=0)
+  num_replicas = strategy.num_replicas_in_sync
+  context = tf.distribute.get_replica_context()
+  # Each replica writes its rows into its own slot of a zero tensor and a
+  # sum over replicas fills every slot. An all-reduce rather than an
+  # all-gather: its gradient is again an all-reduce, which every strategy
+  # orders consistently across replicas.
+  slots = tf.scatter_nd(
+      indices=[[context.replica_id_in_sync_group]], updates=[tensor],
+      shape=tf.concat([[num_replicas], tf.shape(tensor)], axis=0))
+  slots = context.all_reduce(tf.distribute.ReduceOp.SUM, slots)
+  return tf.reshape(slots, tf.concat([[-1], tf.shape(tensor)[1:]], axis=0))
 
 
 def add_contrastive_loss(hidden, hidden_norm=True, temperature=1.0,

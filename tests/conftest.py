@@ -27,3 +27,15 @@ def require(path):
   if not pathlib.Path(path).exists():
     pytest.skip(f'reference data not found: {path} (set SIMCLR_SHARED)')
   return pathlib.Path(path)
+
+
+@pytest.fixture(scope='session')
+def mirrored2():
+  """One MirroredStrategy over the two logical CPUs for the whole session.
+
+  One instance only: collective-op keys restart with every new strategy on
+  the same devices, and two strategies' collectives would then collide.
+  """
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')][:2]
+  assert len(devices) == 2
+  return tf.distribute.MirroredStrategy(devices)
