@@ -1,8 +1,21 @@
 """SimCLR image augmentations and evaluation preprocessing (core TF only).
 
-This module so far holds the Gaussian blur, which the model applies batched
-during pretraining; the rest of the augmentations arrive with the input
-pipeline.
+Images are float32 tensors of shape [height, width, channels] with values in
+[0, 1] unless a function says otherwise (`preprocess_image` also accepts
+uint8 and converts it). The pieces follow the original SimCLR (v2) recipe:
+
+* training views: random resized crop (area 8%-100%, aspect 3/4-4/3), random
+  horizontal flip, color jitter (p=0.8) and grayscale (p=0.2); the Gaussian
+  blur is applied later, batched, by `batch_random_blur` in the model step;
+* evaluation: an aspect-preserving center crop keeping 87.5% of the image
+  followed by a bicubic resize (or no crop at all for 32x32 data).
+
+Every random function takes an optional `seed`. Left as None it draws from
+TensorFlow's ordinary (stateful, global-seed driven) random ops, so training
+pipelines behave as usual. Given an int or a shape-[2] integer tensor it uses
+stateless ops only (`batch_random_blur`: a seeded `tf.random.Generator`), so
+the same seed gives the same output; this is meant for tests and reproducible
+debugging. Sub-steps receive independent seeds derived with `tf.random.split`.
 """
 import tensorflow as tf
 
@@ -59,3 +72,503 @@ def batch_random_blur(images_list, height, width, blur_probability=0.5,
     mixed = blurred * take + images * (1 - take)
     blurred_list.append(tf.clip_by_value(mixed, 0., 1.))
   return blurred_list
+
+
+# Fraction of the shorter (relative to the output aspect) side kept by the
+# evaluation center crop; 224 / 256 = 0.875 is the usual ImageNet choice.
+CROP_PROPORTION = 0.875
+
+
+# ------------------------------------------------------------ randomness
+
+
+def _as_seed(seed):
+  """Returns `seed` as a shape-[2] int64 tensor, as stateless ops expect.
+
+  Args:
+    seed: a Python int, a scalar integer tensor, or a shape-[2] integer
+      tensor / sequence.
+
+  Returns:
+    An int64 tensor of shape [2].
+  """
+  seed = tf.convert_to_tensor(seed)
+  if not seed.dtype.is_integer:
+    raise ValueError(f'seed must be integer-valued, got dtype {seed.dtype}')
+  seed = tf.cast(seed, tf.int64)
+  if seed.shape.rank == 0:
+    # A plain int: pad with a zero so that small ints still make valid seeds.
+    seed = tf.stack([seed, tf.constant(0, tf.int64)])
+  return seed
+
+
+def _split_seed(seed, num):
+  """Derives `num` independent seeds from `seed` (or `num` Nones if None).
+
+  Splitting (rather than reusing one seed) keeps the random draws of the
+  sub-steps of one augmentation statistically independent.
+  """
+  if seed is None:
+    return [None] * num
+  parts = tf.random.split(_as_seed(seed), num)
+  return [parts[i] for i in range(num)]
+
+
+def _uniform(shape, minval, maxval, seed=None):
+  """U[minval, maxval) float32: stateful if seed is None, else stateless."""
+  if seed is None:
+    return tf.random.uniform(shape, minval, maxval, dtype=tf.float32)
+  return tf.random.stateless_uniform(shape, seed=_as_seed(seed),
+                                     minval=minval, maxval=maxval,
+                                     dtype=tf.float32)
+
+
+def random_apply(func, p, x, seed=None):
+  """Returns func(x) with probability p, otherwise x unchanged.
+
+  Args:
+    func: callable mapping a tensor to a tensor of the same shape and dtype.
+    p: probability (float or scalar tensor) of applying `func`.
+    x: the input tensor.
+    seed: optional stateless seed for the coin flip.
+
+  Returns:
+    A tensor shaped like `x`.
+  """
+  # tf.cond (not a blend) so that the skipped branch costs nothing.
+  coin = _uniform([], 0., 1., seed)
+  return tf.cond(coin < tf.cast(p, tf.float32), lambda: func(x), lambda: x)
+
+
+# ------------------------------------------------------------ color
+
+
+def to_grayscale(image, keep_channels=True):
+  """Converts RGB to luma (ITU-R 601 weights, as tf.image.rgb_to_grayscale).
+
+  Args:
+    image: float tensor [..., H, W, 3].
+    keep_channels: if True the gray channel is repeated three times so that the
+      result can replace an RGB image in the pipeline.
+
+  Returns:
+    [..., H, W, 3] if keep_channels else [..., H, W, 1].
+  """
+  gray = tf.image.rgb_to_grayscale(image)
+  if keep_channels:
+    # concat rather than tile so that batched (4-D) inputs work too.
+    gray = tf.concat([gray, gray, gray], axis=-1)
+  return gray
+
+
+def random_brightness(image, max_delta, impl='simclrv2', seed=None):
+  """Random brightness change.
+
+  Args:
+    image: float image [H, W, C].
+    max_delta: strength of the change.
+    impl: 'simclrv2' scales the image by a factor drawn from
+      [max(1 - max_delta, 0), 1 + max_delta]; 'simclrv1' adds an offset drawn
+      from [-max_delta, max_delta] (tf.image.random_brightness).
+    seed: optional stateless seed.
+
+  Returns:
+    The changed image (not clipped), same shape.
+  """
+  if impl == 'simclrv2':
+    # Multiplicative: keeps black black, which the v2 paper preferred.
+    lower = max(1.0 - max_delta, 0.0)
+    return image * _uniform([], lower, 1.0 + max_delta, seed)
+  if impl == 'simclrv1':
+    return image + _uniform([], -max_delta, max_delta, seed)
+  raise ValueError(f'Unknown impl {impl!r} for random brightness; '
+                   "expected 'simclrv2' or 'simclrv1'.")
+
+
+def _random_contrast(image, amount, seed=None):
+  """adjust_contrast with a factor in [1 - amount, 1 + amount]."""
+  return tf.image.adjust_contrast(
+      image, _uniform([], 1.0 - amount, 1.0 + amount, seed))
+
+
+def _random_saturation(image, amount, seed=None):
+  """adjust_saturation with a factor in [1 - amount, 1 + amount]."""
+  return tf.image.adjust_saturation(
+      image, _uniform([], 1.0 - amount, 1.0 + amount, seed))
+
+
+def _random_hue(image, max_delta, seed=None):
+  """adjust_hue with a shift (fraction of the hue circle) in +-max_delta."""
+  return tf.image.adjust_hue(image, _uniform([], -max_delta, max_delta, seed))
+
+
+def color_jitter(image, strength, random_order=True, impl='simclrv2',
+                 seed=None):
+  """SimCLR color distortion: brightness, contrast, saturation and hue.
+
+  Strength s sets brightness, contrast and saturation amounts of 0.8 s and a
+  hue shift of up to 0.2 s. After every step the image is clipped to [0, 1],
+  as in the original, so each step sees a valid image. An amount of 0 skips
+  its step (so strength 0 only clips).
+
+  Args:
+    image: float RGB image [H, W, 3] in [0, 1].
+    strength: Python float, the color jitter strength s.
+    random_order: if True the four steps run in a random order; otherwise in
+      the order brightness, contrast, saturation, hue.
+    impl: 'simclrv2' (multiplicative brightness) or 'simclrv1' (additive).
+    seed: optional stateless seed.
+
+  Returns:
+    The distorted image [H, W, 3] in [0, 1].
+  """
+  amounts = [0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength]
+  order_seed, *step_seeds = _split_seed(seed, 5)
+
+  def step(which, x, step_seed):
+    """Applies the `which`-th distortion (0..3) to x."""
+    amount = amounts[which]
+    if amount == 0:
+      return x
+    if which == 0:
+      return random_brightness(x, amount, impl=impl, seed=step_seed)
+    if which == 1:
+      return _random_contrast(x, amount, step_seed)
+    if which == 2:
+      return _random_saturation(x, amount, step_seed)
+    return _random_hue(x, amount, step_seed)
+
+  with tf.name_scope('color_jitter'):
+    if not random_order:
+      for i in range(4):
+        image = tf.clip_by_value(step(i, image, step_seeds[i]), 0., 1.)
+      return image
+    # A random permutation of the four steps: argsort of uniform noise works
+    # for both the stateful and the stateless case (tf.random.shuffle has no
+    # stateless variant).
+    order = tf.argsort(_uniform([4], 0., 1., order_seed))
+    for position in range(4):
+      # The seed belongs to the position, not to the step, so every position
+      # draws fresh randomness whichever step lands there.
+      branches = [
+          (lambda i=i, x=image, s=step_seeds[position]: step(i, x, s))
+          for i in range(4)]
+      image = tf.clip_by_value(tf.switch_case(order[position], branches),
+                               0., 1.)
+    return image
+
+
+def random_color_jitter(image, p=1.0, strength=1.0, impl='simclrv2',
+                        seed=None):
+  """With probability p: color_jitter with p=0.8, then grayscale with p=0.2.
+
+  Args:
+    image: float RGB image [H, W, 3] in [0, 1].
+    p: probability of doing anything at all.
+    strength: color jitter strength (see `color_jitter`).
+    impl: brightness variant, 'simclrv2' or 'simclrv1'.
+    seed: optional stateless seed.
+
+  Returns:
+    An image [H, W, 3] in [0, 1] (unchanged with probability 1 - p).
+  """
+  outer, jitter_coin, jitter, gray_coin = _split_seed(seed, 4)
+
+  def transform(x):
+    x = random_apply(
+        lambda y: color_jitter(y, strength, impl=impl, seed=jitter),
+        0.8, x, seed=jitter_coin)
+    return random_apply(to_grayscale, 0.2, x, seed=gray_coin)
+
+  return random_apply(transform, p, image, seed=outer)
+
+
+# ------------------------------------------------------------ cropping
+
+
+def _compute_crop_shape(image_height, image_width, aspect_ratio,
+                        crop_proportion):
+  """Size of the largest centered crop of a given aspect ratio, scaled down.
+
+  The crop has the requested aspect ratio (width / height) and keeps
+  `crop_proportion` of the image along the side that limits it (the width if
+  the requested ratio is wider than the image, else the height); the other
+  side keeps at most that proportion. Sizes are rounded half to even
+  (tf.math.rint), and the arithmetic order matches the original so that ties
+  round the same way.
+
+  Args:
+    image_height, image_width: int scalars (Python or tensors).
+    aspect_ratio: Python float, width / height of the output.
+    crop_proportion: Python float in (0, 1].
+
+  Returns:
+    (crop_height, crop_width) as int32 scalar tensors.
+  """
+  width_f = tf.cast(image_width, tf.float32)
+  height_f = tf.cast(image_height, tf.float32)
+
+  def width_limited():
+    crop_height = tf.math.rint(crop_proportion / aspect_ratio * width_f)
+    crop_width = tf.math.rint(crop_proportion * width_f)
+    return tf.cast(crop_height, tf.int32), tf.cast(crop_width, tf.int32)
+
+  def height_limited():
+    crop_height = tf.math.rint(crop_proportion * height_f)
+    crop_width = tf.math.rint(crop_proportion * aspect_ratio * height_f)
+    return tf.cast(crop_height, tf.int32), tf.cast(crop_width, tf.int32)
+
+  return tf.cond(aspect_ratio > width_f / height_f, width_limited,
+                 height_limited)
+
+
+def center_crop_window(image_height, image_width, height, width,
+                       crop_proportion=CROP_PROPORTION):
+  """The window that `center_crop` cuts out, before resizing.
+
+  Args:
+    image_height, image_width: size of the input image.
+    height, width: size of the output (only their ratio matters here).
+    crop_proportion: see `_compute_crop_shape`.
+
+  Returns:
+    (crop_height, crop_width, offset_height, offset_width), int32 scalars.
+    The offsets round up ((H - crop_h + 1) // 2), i.e. an odd margin puts the
+    extra pixel above / left of the crop, as in the original.
+  """
+  crop_height, crop_width = _compute_crop_shape(
+      image_height, image_width, width / height, crop_proportion)
+  offset_height = ((image_height - crop_height) + 1) // 2
+  offset_width = ((image_width - crop_width) + 1) // 2
+  return crop_height, crop_width, offset_height, offset_width
+
+
+def center_crop(image, height, width, crop_proportion=CROP_PROPORTION):
+  """Aspect-preserving center crop followed by a bicubic resize.
+
+  Args:
+    image: float image [H, W, C].
+    height, width: output size (Python ints).
+    crop_proportion: share of the image kept along the limiting side.
+
+  Returns:
+    [height, width, C] float32 image (bicubic can overshoot [0, 1]; callers
+    clip).
+  """
+  shape = tf.shape(image)
+  crop_height, crop_width, offset_height, offset_width = center_crop_window(
+      shape[0], shape[1], height, width, crop_proportion)
+  image = tf.image.crop_to_bounding_box(image, offset_height, offset_width,
+                                        crop_height, crop_width)
+  return tf.image.resize(image[tf.newaxis], [height, width],
+                         method=tf.image.ResizeMethod.BICUBIC)[0]
+
+
+def distorted_bounding_box_crop(image, bbox, min_object_covered=0.1,
+                                aspect_ratio_range=(0.75, 1.33),
+                                area_range=(0.05, 1.0), max_attempts=100,
+                                seed=None):
+  """Crops a random window chosen by sample_distorted_bounding_box.
+
+  Args:
+    image: image [H, W, C].
+    bbox: float [1, num_boxes, 4] boxes (ymin, xmin, ymax, xmax in [0, 1])
+      that the window must overlap by `min_object_covered`; with no boxes the
+      whole image counts as the box.
+    min_object_covered: minimum covered fraction of a box.
+    aspect_ratio_range: allowed window width / height, in pixels.
+    area_range: allowed window area as a fraction of the image area.
+    max_attempts: tries at finding a valid window; if all fail the whole
+      image is returned (the op's own fallback).
+    seed: optional stateless seed.
+
+  Returns:
+    The cropped image [h, w, C] (size depends on the draw).
+  """
+  with tf.name_scope('distorted_bounding_box_crop'):
+    kwargs = dict(bounding_boxes=bbox, min_object_covered=min_object_covered,
+                  aspect_ratio_range=aspect_ratio_range,
+                  area_range=area_range, max_attempts=max_attempts,
+                  use_image_if_no_bounding_boxes=True)
+    if seed is None:
+      begin, size, _ = tf.image.sample_distorted_bounding_box(
+          tf.shape(image), **kwargs)
+    else:
+      begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          tf.shape(image), seed=_as_seed(seed), **kwargs)
+    offset_y, offset_x, _ = tf.unstack(begin)
+    crop_height, crop_width, _ = tf.unstack(size)
+    return tf.image.crop_to_bounding_box(image, offset_y, offset_x,
+                                         crop_height, crop_width)
+
+
+def crop_and_resize(image, height, width, seed=None):
+  """Random resized crop (Inception style) to [height, width].
+
+  The window covers 8%-100% of the image area, with an aspect ratio between
+  3/4 and 4/3 of the output's own ratio (width / height), so a non-square
+  output gets correspondingly shaped windows; after 100 failed draws it is
+  the whole image. The window is resized bicubically.
+
+  Args:
+    image: float image [H, W, C].
+    height, width: output size (Python ints).
+    seed: optional stateless seed.
+
+  Returns:
+    [height, width, C] float32 image (not clipped).
+  """
+  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+  aspect_ratio = width / height
+  image = distorted_bounding_box_crop(
+      image, whole_image, min_object_covered=0.1,
+      aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
+      area_range=(0.08, 1.0), max_attempts=100, seed=seed)
+  return tf.image.resize(image[tf.newaxis], [height, width],
+                         method=tf.image.ResizeMethod.BICUBIC)[0]
+
+
+def random_crop_with_resize(image, height, width, p=1.0, seed=None):
+  """`crop_and_resize` with probability p (otherwise the image unchanged).
+
+  Args:
+    image: float image [H, W, C].
+    height, width: output size.
+    p: probability of cropping; with p < 1 the image must already be
+      [height, width] for the two branches to agree in shape.
+    seed: optional stateless seed.
+
+  Returns:
+    [height, width, C] image.
+  """
+  coin, crop = _split_seed(seed, 2)
+  return random_apply(lambda x: crop_and_resize(x, height, width, seed=crop),
+                      p, image, seed=coin)
+
+
+def random_flip_left_right(image, seed=None):
+  """Mirrors the image horizontally with probability 1/2.
+
+  Args:
+    image: image [H, W, C].
+    seed: optional stateless seed.
+
+  Returns:
+    Image of the same shape.
+  """
+  if seed is None:
+    return tf.image.random_flip_left_right(image)
+  return tf.image.stateless_random_flip_left_right(image, seed=_as_seed(seed))
+
+
+# ------------------------------------------------------------ pipelines
+
+
+def _to_output_shape(image, height, width):
+  """Reshapes to [height, width, 3], failing clearly on a size mismatch.
+
+  The original relies on tf.reshape here, whose error ("Input to reshape is a
+  tensor with N values...") does not say that an uncropped image simply has
+  the wrong size. With a static shape we raise ValueError up front; with a
+  dynamic one an assertion with the same message guards the reshape.
+  """
+  message = (f'image must be [{height}, {width}, 3] here (without cropping '
+             'no resize happens; crop=True / test_crop=True resizes)')
+  static = image.shape
+  if static.rank is not None and static.is_fully_defined():
+    if tuple(static.as_list()) != (height, width, 3):
+      raise ValueError(f'{message}, got shape {static.as_list()}')
+    return tf.reshape(image, [height, width, 3])
+  with tf.control_dependencies([tf.debugging.assert_equal(
+      tf.shape(image), tf.constant([height, width, 3]),
+      message=message)]):
+    return tf.reshape(image, [height, width, 3])
+
+
+def preprocess_for_train(image, height, width, color_jitter_strength=0.,
+                         crop=True, flip=True, impl='simclrv2', seed=None):
+  """One SimCLR training view of a float image.
+
+  Args:
+    image: float image [H, W, 3] in [0, 1].
+    height, width: output size.
+    color_jitter_strength: strength s of `random_color_jitter` (jitter p=0.8,
+      grayscale p=0.2). 0 turns the whole color distortion off (the
+      original's color_distort=False), grayscale included.
+    crop: random resized crop to [height, width]; if False the image must
+      already have that size.
+    flip: random horizontal flip.
+    impl: brightness variant for the color jitter.
+    seed: optional stateless seed.
+
+  Returns:
+    [height, width, 3] float32 image in [0, 1].
+
+  Raises:
+    ValueError: crop=False and the image's static shape is not
+      [height, width, 3].
+  """
+  crop_seed, flip_seed, color_seed = _split_seed(seed, 3)
+  if crop:
+    image = random_crop_with_resize(image, height, width, seed=crop_seed)
+  if flip:
+    image = random_flip_left_right(image, seed=flip_seed)
+  if color_jitter_strength:
+    image = random_color_jitter(image, strength=color_jitter_strength,
+                                impl=impl, seed=color_seed)
+  image = _to_output_shape(image, height, width)
+  # Bicubic resizing and brightness can leave [0, 1].
+  return tf.clip_by_value(image, 0., 1.)
+
+
+def preprocess_for_eval(image, height, width, crop=True):
+  """Deterministic evaluation preprocessing of a float image.
+
+  Args:
+    image: float image [H, W, 3] in [0, 1].
+    height, width: output size.
+    crop: center crop (CROP_PROPORTION) and bicubic resize; if False the image
+      must already be [height, width, 3] (CIFAR-sized data).
+
+  Returns:
+    [height, width, 3] float32 image in [0, 1].
+
+  Raises:
+    ValueError: crop=False and the image's static shape is not
+      [height, width, 3].
+  """
+  if crop:
+    image = center_crop(image, height, width, crop_proportion=CROP_PROPORTION)
+  image = _to_output_shape(image, height, width)
+  # Bicubic interpolation overshoots near edges.
+  return tf.clip_by_value(image, 0., 1.)
+
+
+def preprocess_image(image, height, width, is_training=False,
+                     color_jitter_strength=0., test_crop=True, seed=None):
+  """Converts an image to float32 in [0, 1] and preprocesses it.
+
+  Args:
+    image: [H, W, 3] image, uint8 (scaled by 1/255) or float (kept as is).
+    height, width: output size.
+    is_training: a random training view if True, else evaluation
+      preprocessing.
+    color_jitter_strength: see `preprocess_for_train` (training only).
+    test_crop: center crop at evaluation (the original pipeline uses it when
+      the image size is above 32).
+    seed: optional stateless seed (training only; evaluation is
+      deterministic).
+
+  Returns:
+    [height, width, 3] float32 image in [0, 1].
+
+  Raises:
+    ValueError: no crop is requested and the image's static shape is not
+      [height, width, 3].
+  """
+  image = tf.image.convert_image_dtype(image, dtype=tf.float32)
+  if is_training:
+    return preprocess_for_train(image, height, width,
+                                color_jitter_strength=color_jitter_strength,
+                                seed=seed)
+  return preprocess_for_eval(image, height, width, crop=test_crop)
