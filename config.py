@@ -8,6 +8,7 @@ Field names, types and defaults are those of the original TF2 `run.py` flags,
 so that a flag means the same thing here as there.
 """
 import dataclasses
+import re
 from typing import Optional
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
@@ -60,6 +61,18 @@ class Config:
   keep_checkpoint_max: int = 5
   keep_hub_module_max: int = 1
   eval_name: Optional[str] = None
+  # Restoring from --checkpoint: a regex over variable names choosing what to
+  # restore (the TF1 README's flag).
+  variable_schema: str = '.*'
+  train_summary_steps: int = 100
+  # Image folders: 'fail' on an unreadable image, or 'skip' it (and say so).
+  on_corrupt: str = 'fail'
+  # Where to run (the original's defaults: a TPU).
+  use_tpu: bool = True
+  tpu_name: Optional[str] = None
+  tpu_zone: Optional[str] = None
+  gcp_project: Optional[str] = None
+  master: Optional[str] = None
   # Loss.
   temperature: float = 0.1
   hidden_norm: bool = True
@@ -98,6 +111,18 @@ class Config:
     _one_of('learning_rate_scaling', self.learning_rate_scaling, LR_SCALINGS)
     _one_of('proj_head_mode', self.proj_head_mode, PROJ_HEAD_MODES)
     _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
+    _one_of('on_corrupt', self.on_corrupt, ('fail', 'skip'))
+    _at_least('train_summary_steps', self.train_summary_steps, 0)
+    _at_least('checkpoint_steps', self.checkpoint_steps, 0)
+    _at_least('checkpoint_epochs', self.checkpoint_epochs, 0)
+    _at_least('eval_steps', self.eval_steps, 0)
+    _at_least('keep_checkpoint_max', self.keep_checkpoint_max, 1)
+    _at_least('keep_hub_module_max', self.keep_hub_module_max, 0)
+    try:
+      re.compile(self.variable_schema)
+    except re.error as e:
+      raise ConfigError(f'variable_schema={self.variable_schema!r}: not a '
+                        f'regular expression ({e}).') from None
     _at_least('train_batch_size', self.train_batch_size, 1)
     _at_least('eval_batch_size', self.eval_batch_size, 1)
     _at_least('train_epochs', self.train_epochs, 0)

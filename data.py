@@ -1,0 +1,215 @@
+"""Datasets and input pipelines: TFDS, image folders and the embedded dataset.
+
+A *source* is what a dataset name resolves to (`get_source`): it knows its
+class names, its split sizes and gives raw examples
+(`{'image': uint8 [H, W, 3], 'label': int64}`). The pipelines
+(`build_input_fn`, `build_distributed_dataset`) turn a source into batches of
+
+    images: [B, H, W, 3 * views] float32 in [0, 1] (pretraining: two views
+            stacked on the channel axis; otherwise one)
+    labels: {'labels': [B, num_classes] one-hot, 'mask': [B] float32}
+
+per replica. Training pipelines shuffle and repeat; evaluation pipelines do
+not repeat, and are padded with mask-0 examples so that every replica runs the
+same number of full batches and every real example is counted exactly once
+(`eval_steps` gives that number).
+"""
+import functools
+import math
+import os
+
+from absl import logging
+import tensorflow as tf
+
+import data_util
+
+FOLDER_PREFIX = 'folder:'
+
+
+class DatasetError(ValueError):
+  """A dataset cannot be used; the message is one line for the user."""
+
+
+class TfdsSource:
+  """A prepared TFDS dataset behind the source interface."""
+
+  fixed_size = True
+
+  def __init__(self, builder):
+    self.builder = builder
+    self.name = builder.info.full_name
+    label = builder.info.features['label']
+    self.class_names = list(label.names)
+    self.num_classes = label.num_classes
+    self.splits = list(builder.info.splits.keys())
+
+  def num_examples(self, split):
+    self._check_split(split)
+    return self.builder.info.splits[split].num_examples
+
+  def _check_split(self, split):
+    if split not in self.builder.info.splits:
+      raise DatasetError(
+          f'split {split!r} not in dataset {self.name}: it has '
+          f'{", ".join(self.splits)}.')
+
+  def as_dataset(self, split, shuffle_files=False, input_context=None):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self._check_split(split)
+    read_config = tfds.ReadConfig(input_context=input_context)
+    return self.builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                   read_config=read_config)
+
+
+def get_source(dataset, data_dir=None, on_corrupt='fail'):
+  """Resolves a dataset name to a source, or raises a one-line DatasetError.
+
+  Args:
+    dataset: a TFDS name (`cifar10`, `imagenet2012_subset/1pct`, ...),
+      `shapes10` (the embedded dataset, generated on first use) or
+      `folder:/path/to/root` (one sub-directory per split, then per class).
+    data_dir: TFDS data directory (default: TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
+    on_corrupt: image folders only: 'fail' or 'skip' unreadable images.
+  """
+  if dataset.startswith(FOLDER_PREFIX):
+    import image_folder  # pylint: disable=import-outside-toplevel
+    try:
+      return image_folder.ImageFolderBuilder(dataset[len(FOLDER_PREFIX):],
+                                             on_corrupt=on_corrupt)
+    except image_folder.DatasetError as e:
+      raise DatasetError(str(e)) from None
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import embedded_dataset  # pylint: disable=import-outside-toplevel
+  if dataset == embedded_dataset.NAME:
+    return TfdsSource(embedded_dataset.load_builder(data_dir))
+  where = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DatasetError(f'dataset {dataset!r} is not a TFDS dataset, '
+                       f'{FOLDER_PREFIX}<path> or {embedded_dataset.NAME} '
+                       f'({first})') from None
+  if not builder.is_prepared():
+    how = f'run `tfds build {dataset} --data_dir={where}`'
+    if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+      manual_dir = os.path.join(where, 'downloads', 'manual')
+      how = f'put its manual download in {manual_dir}, then {how}'
+    raise DatasetError(f'dataset {dataset!r} is not prepared in {where} '
+                       f'(looked for {builder.data_dir}): {how}.')
+  return TfdsSource(builder)
+
+
+def _preprocess_fn(config, is_training, fixed_size):
+  """image uint8 [H, W, 3] -> float32 [S, S, 3 * views] for this run."""
+  pretrain = config.train_mode == 'pretrain'
+  size = config.image_size
+  # The original center-crops for evaluation only above 32 pixels (CIFAR
+  # images are used whole); images of unknown size are always cropped.
+  test_crop = size > 32 or not fixed_size
+  one_view = functools.partial(
+      data_util.preprocess_image, height=size, width=size,
+      is_training=is_training,
+      color_jitter_strength=(config.color_jitter_strength
+                             if is_training and pretrain else 0.),
+      test_crop=test_crop)
+  if is_training and pretrain:
+    return lambda image: tf.concat([one_view(image), one_view(image)], -1)
+  return one_view
+
+
+def eval_steps(num_examples, global_batch_size, num_replicas=1,
+               num_input_pipelines=1):
+  """Eval batches per replica needed to see every example once."""
+  per_replica = global_batch_size // num_replicas
+  replicas_per_pipeline = num_replicas // num_input_pipelines
+  shard = math.ceil(num_examples / num_input_pipelines)
+  return max(1, math.ceil(shard / (per_replica * replicas_per_pipeline)))
+
+
+def build_input_fn(source, global_batch_size, is_training, config,
+                   num_replicas=1):
+  """Returns `input_fn(input_context=None) -> tf.data.Dataset` per replica.
+
+  Args:
+    source: from `get_source`.
+    global_batch_size: examples per step over all replicas.
+    is_training: train pipeline (split `config.train_split`, augmented,
+      shuffled, repeated, full batches) or eval (`config.eval_split`).
+    config: the run's `Config`.
+    num_replicas: replicas in sync (for the eval padding).
+  """
+  split = config.train_split if is_training else config.eval_split
+  num_classes = source.num_classes
+  preprocess = _preprocess_fn(config, is_training,
+                              getattr(source, 'fixed_size', False))
+  num_examples = source.num_examples(split)
+
+  def to_batch_element(example):
+    image = preprocess(example['image'])
+    labels = {'labels': tf.one_hot(example['label'], num_classes),
+              'mask': tf.constant(1.)}
+    return image, labels
+
+  def input_fn(input_context=None):
+    if input_context is not None:
+      batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+      pipelines = input_context.num_input_pipelines
+      pipeline_id = input_context.input_pipeline_id
+    else:
+      batch_size, pipelines, pipeline_id = global_batch_size, 1, 0
+    logging.info('%s input pipeline %d/%d: %s split %r, %d per replica',
+                 'train' if is_training else 'eval', pipeline_id + 1,
+                 pipelines, source.name, split, batch_size)
+    if is_training:
+      dataset = source.as_dataset(split, shuffle_files=True,
+                                  input_context=input_context)
+      if config.cache_dataset:
+        dataset = dataset.cache()
+      # The original's buffer: 50 batches for small images, 10 otherwise.
+      multiplier = 50 if config.image_size <= 32 else 10
+      dataset = dataset.shuffle(batch_size * multiplier).repeat()
+      dataset = dataset.map(to_batch_element,
+                            num_parallel_calls=tf.data.AUTOTUNE)
+      dataset = dataset.batch(batch_size, drop_remainder=True)
+      return dataset.prefetch(tf.data.AUTOTUNE)
+
+    # Evaluation: shard by example (not by file) so shards differ by at most
+    # one example, then pad every shard to the same number of full batches.
+    dataset = source.as_dataset(split, shuffle_files=False)
+    if pipelines > 1:
+      dataset = dataset.shard(pipelines, pipeline_id)
+    if config.cache_dataset:
+      dataset = dataset.cache()
+    dataset = dataset.map(to_batch_element,
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    replicas_here = max(1, num_replicas // pipelines)
+    steps = eval_steps(num_examples, batch_size * num_replicas, num_replicas,
+                       pipelines)
+    shard_size = (num_examples // pipelines +
+                  (1 if pipeline_id < num_examples % pipelines else 0))
+    padding = steps * batch_size * replicas_here - shard_size
+    size = config.image_size
+    blank = (tf.zeros([size, size, 3]),
+             {'labels': tf.zeros([num_classes]), 'mask': tf.constant(0.)})
+    dataset = dataset.concatenate(
+        tf.data.Dataset.from_tensors(blank).repeat(padding))
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+  input_fn.num_examples = num_examples
+  return input_fn
+
+
+def build_distributed_dataset(source, global_batch_size, is_training,
+                              strategy, config):
+  """The per-replica pipeline distributed over `strategy`'s replicas."""
+  replicas = strategy.num_replicas_in_sync
+  if global_batch_size % replicas:
+    raise DatasetError(
+        f'batch size {global_batch_size} is not divisible by the '
+        f'{replicas} replicas: use a multiple of {replicas}.')
+  input_fn = build_input_fn(source, global_batch_size, is_training, config,
+                            num_replicas=replicas)
+  return strategy.distribute_datasets_from_function(input_fn)

@@ -1,0 +1,439 @@
+r"""SimCLR command line: pretrain, finetune, linear eval, eval, export.
+
+    python run.py --train_mode=pretrain --dataset=shapes10 --use_tpu=False \
+        --resnet_depth=18 --image_size=32 --train_batch_size=128 \
+        --train_epochs=10 --model_dir=/tmp/simclr
+
+Flags keep the original TF2 run.py's names, defaults and meanings (plus the
+TF1 README's `--train_summary_steps` and `--variable_schema`). This is the
+only module that reads FLAGS: it builds a frozen `config.Config` and passes it
+down.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+import tf_keras as keras
+
+import checkpoints
+import config as config_lib
+import data as data_lib
+import export
+import metrics
+import model as model_lib
+import training
+
+FLAGS = flags.FLAGS
+_D = config_lib.Config()  # defaults come from the Config, defined once
+
+flags.DEFINE_float('learning_rate', _D.learning_rate,
+                   'Initial learning rate per batch size of 256.')
+flags.DEFINE_enum('learning_rate_scaling', _D.learning_rate_scaling,
+                  ['linear', 'sqrt'],
+                  'How to scale the learning rate as a function of batch size.')
+flags.DEFINE_float('warmup_epochs', _D.warmup_epochs,
+                   'Number of epochs of warmup.')
+flags.DEFINE_float('weight_decay', _D.weight_decay, 'Amount of weight decay.')
+flags.DEFINE_float('batch_norm_decay', _D.batch_norm_decay,
+                   'Batch norm decay parameter.')
+flags.DEFINE_integer('train_batch_size', _D.train_batch_size,
+                     'Batch size for training.')
+flags.DEFINE_string('train_split', _D.train_split, 'Split for training.')
+flags.DEFINE_integer('train_epochs', _D.train_epochs,
+                     'Number of epochs to train for.')
+flags.DEFINE_integer('train_steps', _D.train_steps,
+                     'Number of steps to train for. If provided, overrides '
+                     'train_epochs.')
+flags.DEFINE_integer('eval_steps', _D.eval_steps,
+                     'Number of steps to eval for. If not provided, evals over '
+                     'the entire dataset.')
+flags.DEFINE_integer('eval_batch_size', _D.eval_batch_size,
+                     'Batch size for eval.')
+flags.DEFINE_integer('checkpoint_epochs', _D.checkpoint_epochs,
+                     'Number of epochs between checkpoints/summaries.')
+flags.DEFINE_integer('checkpoint_steps', _D.checkpoint_steps,
+                     'Number of steps between checkpoints/summaries. If '
+                     'provided, overrides checkpoint_epochs.')
+flags.DEFINE_string('eval_split', _D.eval_split, 'Split for evaluation.')
+flags.DEFINE_string('dataset', _D.dataset,
+                    'Name of a TFDS dataset, shapes10 (the embedded dataset) '
+                    'or folder:/path/to/root for your own images.')
+flags.DEFINE_bool('cache_dataset', _D.cache_dataset,
+                  'Whether to cache the entire dataset in memory. If the '
+                  'dataset is ImageNet, this is a very bad idea, but for '
+                  'smaller datasets it can improve performance.')
+flags.DEFINE_enum('mode', _D.mode, ['train', 'eval', 'train_then_eval'],
+                  'Whether to perform training or evaluation.')
+flags.DEFINE_enum('train_mode', _D.train_mode, ['pretrain', 'finetune'],
+                  'The train mode controls different objectives and trainable '
+                  'components.')
+flags.DEFINE_bool('lineareval_while_pretraining',
+                  _D.lineareval_while_pretraining,
+                  'Whether to finetune supervised head while pretraining.')
+flags.DEFINE_string('checkpoint', _D.checkpoint,
+                    'Loading from the given checkpoint for fine-tuning if a '
+                    'finetuning checkpoint does not already exist in '
+                    'model_dir.')
+flags.DEFINE_bool('zero_init_logits_layer', _D.zero_init_logits_layer,
+                  'If True, zero initialize layers after avg_pool for '
+                  'supervised learning.')
+flags.DEFINE_integer('fine_tune_after_block', _D.fine_tune_after_block,
+                     'The layers after which block that we will fine-tune. -1 '
+                     'means fine-tuning everything. 0 means fine-tuning after '
+                     'stem block. 4 means fine-tuning just the linear head.')
+flags.DEFINE_string('master', _D.master,
+                    'Address/name of the TensorFlow master to use. By '
+                    'default, use an in-process master.')
+flags.DEFINE_string('model_dir', _D.model_dir,
+                    'Model directory for training.')
+flags.DEFINE_string('data_dir', _D.data_dir,
+                    'Directory where dataset is stored.')
+flags.DEFINE_bool('use_tpu', _D.use_tpu, 'Whether to run on TPU.')
+flags.DEFINE_string('tpu_name', _D.tpu_name,
+                    'The Cloud TPU to use for training. This should be either '
+                    'the name used when creating the Cloud TPU, or a '
+                    'grpc://ip.address.of.tpu:8470 url.')
+flags.DEFINE_string('tpu_zone', _D.tpu_zone,
+                    '[Optional] GCE zone where the Cloud TPU is located in.')
+flags.DEFINE_string('gcp_project', _D.gcp_project,
+                    '[Optional] Project name for the Cloud TPU-enabled '
+                    'project.')
+flags.DEFINE_enum('optimizer', _D.optimizer, ['momentum', 'adam', 'lars'],
+                  'Optimizer to use.')
+flags.DEFINE_float('momentum', _D.momentum, 'Momentum parameter.')
+flags.DEFINE_string('eval_name', _D.eval_name, 'Name for eval.')
+flags.DEFINE_integer('keep_checkpoint_max', _D.keep_checkpoint_max,
+                     'Maximum number of checkpoints to keep.')
+flags.DEFINE_integer('keep_hub_module_max', _D.keep_hub_module_max,
+                     'Maximum number of Hub modules to keep.')
+flags.DEFINE_float('temperature', _D.temperature,
+                   'Temperature parameter for contrastive loss.')
+flags.DEFINE_boolean('hidden_norm', _D.hidden_norm,
+                     'Temperature parameter for contrastive loss.')
+flags.DEFINE_enum('proj_head_mode', _D.proj_head_mode,
+                  ['none', 'linear', 'nonlinear'],
+                  'How the head projection is done.')
+flags.DEFINE_integer('proj_out_dim', _D.proj_out_dim,
+                     'Number of head projection dimension.')
+flags.DEFINE_integer('num_proj_layers', _D.num_proj_layers,
+                     'Number of non-linear head layers.')
+flags.DEFINE_integer('ft_proj_selector', _D.ft_proj_selector,
+                     'Which layer of the projection head to use during '
+                     'fine-tuning. 0 means no projection head, and -1 means '
+                     'the final layer.')
+flags.DEFINE_boolean('global_bn', _D.global_bn,
+                     'Whether to aggregate BN statistics across distributed '
+                     'cores.')
+flags.DEFINE_integer('width_multiplier', _D.width_multiplier,
+                     'Multiplier to change width of network.')
+flags.DEFINE_integer('resnet_depth', _D.resnet_depth, 'Depth of ResNet.')
+flags.DEFINE_float('sk_ratio', _D.sk_ratio,
+                   'If it is bigger than 0, it will enable SK. Recommendation: '
+                   '0.0625.')
+flags.DEFINE_float('se_ratio', _D.se_ratio,
+                   'If it is bigger than 0, it will enable SE.')
+flags.DEFINE_integer('image_size', _D.image_size, 'Input image size.')
+flags.DEFINE_float('color_jitter_strength', _D.color_jitter_strength,
+                   'The strength of color jittering.')
+flags.DEFINE_boolean('use_blur', _D.use_blur,
+                     'Whether or not to use Gaussian blur for augmentation '
+                     'during pretraining.')
+# From the TF1 README's commands.
+flags.DEFINE_integer('train_summary_steps', _D.train_summary_steps,
+                     'Steps between training summaries and progress lines '
+                     '(0: at checkpoints only).')
+flags.DEFINE_string('variable_schema', _D.variable_schema,
+                    'Regex over variable names: what --checkpoint restores, '
+                    "e.g. '(?!global_step|(?:.*/|^)Momentum|head)'.")
+# New here.
+flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
+                  'Image folders: stop at an unreadable image, or skip it '
+                  '(each one is logged).')
+
+
+def config_from_flags():
+  """The frozen Config of this run, validated (ConfigError on bad values)."""
+  fields = config_lib.Config.__dataclass_fields__
+  values = {name: FLAGS[name].value for name in fields if name in FLAGS}
+  return config_lib.Config(**values).validate()
+
+
+def build_strategy(cfg):
+  """TPUStrategy, MirroredStrategy over GPUs, or the default strategy."""
+  if cfg.use_tpu:
+    try:
+      if cfg.tpu_name:
+        cluster = tf.distribute.cluster_resolver.TPUClusterResolver(
+            cfg.tpu_name, zone=cfg.tpu_zone, project=cfg.gcp_project)
+      else:
+        cluster = tf.distribute.cluster_resolver.TPUClusterResolver(cfg.master)
+      tf.config.experimental_connect_to_cluster(cluster)
+      tf.tpu.experimental.initialize_tpu_system(cluster)
+    except (ValueError, tf.errors.OpError, RuntimeError) as e:
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise config_lib.ConfigError(
+          f'--use_tpu=True (the default, as in the original) but no TPU was '
+          f'found (tpu_name={cfg.tpu_name}, master={cfg.master}: {first}); '
+          'pass --use_tpu=False to run on GPUs or the CPU.') from None
+    return tf.distribute.TPUStrategy(cluster)
+  if 'TF_CONFIG' in os.environ and json.loads(
+      os.environ['TF_CONFIG']).get('cluster', {}).get('worker'):
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if tf.config.list_physical_devices('GPU'):
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not getattr(resolver, 'task_type', None):
+    return True
+  return resolver.task_type in ('chief', None) or (
+      resolver.task_type == 'worker' and resolver.task_id == 0)
+
+
+def build_model(cfg, num_classes, strategy):
+  """Creates the model and all its variables under `strategy`."""
+  with strategy.scope():
+    model = model_lib.Model(num_classes, cfg)
+    model(tf.zeros([1, cfg.image_size, cfg.image_size, 3]), training=False)
+  return model
+
+
+class Progress:
+  """One console line per report: step, rate, time left."""
+
+  def __init__(self, total_steps, batch_size, start_step):
+    self.total, self.batch = total_steps, batch_size
+    self.start_step, self.start = start_step, time.time()
+
+  def line(self, step, terms):
+    elapsed = time.time() - self.start
+    done = step - self.start_step
+    rate = done * self.batch / elapsed if elapsed > 0 else 0.
+    left = (self.total - step) * elapsed / done if done else float('nan')
+    shown = ' '.join(f'{k}={v:.4f}' for k, v in terms.items())
+    return (f'step {step}/{self.total} | {rate:.1f} images/s | '
+            f'{left / 60:.1f} min left | {shown}')
+
+
+def restore_or_initialise(cfg, model, manager):
+  """Resumes from model_dir, else initialises from --checkpoint."""
+  latest = manager.latest_checkpoint
+  if latest:
+    logging.info('Resuming from %s', latest)
+    manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    return
+  if cfg.checkpoint:
+    checkpoints.restore_model(model, cfg.checkpoint, cfg.variable_schema)
+    if cfg.zero_init_logits_layer and hasattr(model, 'supervised_head'):
+      logging.info('Zero-initialising the supervised head')
+      model.zero_supervised_head()
+  elif cfg.train_mode == 'finetune':
+    logging.warning('--train_mode=finetune without --checkpoint: training '
+                    'from scratch (random initialisation).')
+
+
+def train(cfg, source, strategy, model, num_train_examples):
+  """The training loop; returns the CheckpointManager."""
+  train_steps = model_lib.get_train_steps(num_train_examples, cfg)
+  epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
+  checkpoint_steps = (cfg.checkpoint_steps or
+                      max(1, cfg.checkpoint_epochs * epoch_steps))
+  summary_steps = cfg.train_summary_steps or checkpoint_steps
+  steps_per_loop = max(1, min(checkpoint_steps, summary_steps))
+  logging.info('# train examples: %d; # train_steps: %d; checkpoint every '
+               '%d steps', num_train_examples, train_steps, checkpoint_steps)
+  chief = is_chief(strategy)
+  summary_writer = tf.summary.create_file_writer(
+      cfg.model_dir if chief else os.path.join(cfg.model_dir, 'worker_tmp'))
+  with strategy.scope():
+    dataset = data_lib.build_distributed_dataset(
+        source, cfg.train_batch_size, True, strategy, cfg)
+    schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate,
+                                              num_train_examples, cfg)
+    optimizer = model_lib.build_optimizer(schedule, cfg)
+    names = ['total_loss', 'weight_decay']
+    if cfg.train_mode == 'pretrain':
+      names += ['contrast_loss', 'contrast_acc', 'contrast_entropy']
+    if cfg.has_supervised_head:
+      names += ['supervised_loss', 'supervised_acc']
+    train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
+    checkpoint = tf.train.Checkpoint(
+        model=model, global_step=optimizer.iterations, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(
+        checkpoint, directory=cfg.model_dir if chief else
+        os.path.join(cfg.model_dir, 'worker_tmp'),
+        max_to_keep=cfg.keep_checkpoint_max)
+    restore_or_initialise(cfg, model, manager)
+
+  step_fn = training.make_train_step(model, optimizer, cfg, strategy)
+
+  def replica_step(images, labels):
+    terms = step_fn(images, labels['labels'])
+    for name, metric in train_metrics.items():
+      metric.update_state(terms[name])
+
+  @tf.function
+  def train_loop(iterator, steps):
+    for _ in tf.range(steps):
+      images, labels = next(iterator)
+      strategy.run(replica_step, (images, labels))
+
+  global_step = optimizer.iterations
+  step = int(global_step.numpy())
+  if step >= train_steps:
+    logging.info('Training already complete at step %d (of %d).', step,
+                 train_steps)
+    return manager
+  progress = Progress(train_steps, cfg.train_batch_size, step)
+  iterator = iter(dataset)
+  while step < train_steps:
+    steps = min(steps_per_loop, train_steps - step,
+                checkpoint_steps - step % checkpoint_steps)
+    train_loop(iterator, tf.constant(steps))
+    step = int(global_step.numpy())
+    values = {n: float(m.result()) for n, m in train_metrics.items()}
+    lr = float(schedule(tf.cast(step - 1, tf.float32)))
+    logging.info('%s | lr=%.5f', progress.line(step, values), lr)
+    with summary_writer.as_default():
+      for name, value in values.items():
+        tf.summary.scalar(f'train/{name}', value, step=step)
+      tf.summary.scalar('learning_rate', lr, step=step)
+    for metric in train_metrics.values():
+      metric.reset_states()
+    if step % checkpoint_steps == 0 or step >= train_steps:
+      manager.save(checkpoint_number=step)
+  summary_writer.flush()
+  logging.info('Training complete at step %d.', step)
+  return manager
+
+
+def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
+  """Eval top-1/top-5 over the eval split; writes results and a SavedModel."""
+  if cfg.train_mode == 'pretrain' and not cfg.lineareval_while_pretraining:
+    logging.info('Skipping eval during pretraining without linear eval.')
+    return None
+  replicas = strategy.num_replicas_in_sync
+  steps = cfg.eval_steps or data_lib.eval_steps(
+      num_eval_examples, cfg.eval_batch_size, replicas)
+  with strategy.scope():
+    dataset = data_lib.build_distributed_dataset(
+        source, cfg.eval_batch_size, False, strategy, cfg)
+    top1 = keras.metrics.Mean('eval/label_top_1_accuracy')
+    top5 = keras.metrics.Mean('eval/label_top_5_accuracy')
+    reg_loss = keras.metrics.Mean('eval/regularization_loss')
+    checkpoint = tf.train.Checkpoint(
+        model=model, global_step=tf.Variable(0, dtype=tf.int64))
+    checkpoint.restore(ckpt_path).expect_partial()
+  global_step = int(checkpoint.global_step.numpy())
+  logging.info('Evaluating %s at step %d over %d steps', ckpt_path,
+               global_step, steps)
+
+  def replica_step(images, labels):
+    _, logits = model(images, training=False)
+    onehot, mask = labels['labels'], labels['mask']
+    truth = tf.argmax(onehot, 1)
+    hit1 = tf.cast(tf.equal(tf.argmax(logits, 1), truth), tf.float32)
+    hit5 = tf.cast(tf.math.in_top_k(truth, logits, 5), tf.float32)
+    top1.update_state(hit1, sample_weight=mask)
+    top5.update_state(hit5, sample_weight=mask)
+    reg_loss.update_state(model_lib.add_weight_decay(model, cfg))
+
+  @tf.function
+  def eval_step(iterator):
+    images, labels = next(iterator)
+    strategy.run(replica_step, (images, labels))
+
+  iterator = iter(dataset)
+  for _ in range(steps):
+    eval_step(iterator)
+  result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  result['global_step'] = global_step
+  logging.info('Eval results: %s', result)
+  if is_chief(strategy):
+    writer = tf.summary.create_file_writer(cfg.model_dir)
+    with writer.as_default():
+      for name, value in result.items():
+        if name != 'global_step':
+          tf.summary.scalar(name, value, step=global_step)
+    writer.flush()
+    for name in ('result.json', f'result_{global_step}.json'):
+      _write_json(os.path.join(cfg.model_dir, name), result)
+    _write_json(os.path.join(cfg.model_dir, 'flags.json'),
+                {k: v for k, v in FLAGS.flag_values_dict().items()
+                 if _json_serializable(v)})
+    export.export_and_rotate(model, cfg.model_dir, global_step,
+                             cfg.keep_hub_module_max)
+  return result
+
+
+def _json_serializable(value):
+  try:
+    json.dumps(value)
+    return True
+  except TypeError:
+    return False
+
+
+def _write_json(path, obj):
+  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+    json.dump(obj, f)
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+
+
+def run(cfg):
+  """Runs `cfg.mode` for the run described by `cfg`."""
+  if not cfg.model_dir:
+    raise config_lib.ConfigError('--model_dir is required: where checkpoints '
+                                 'and results go.')
+  source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
+  num_train = source.num_examples(cfg.train_split)
+  num_eval = (source.num_examples(cfg.eval_split)
+              if cfg.mode != 'train' else 0)
+  strategy = build_strategy(cfg)
+  logging.info('Running on %d replica(s) with %s', strategy.num_replicas_in_sync,
+               type(strategy).__name__)
+  tf.io.gfile.makedirs(cfg.model_dir)
+  if cfg.dataset.startswith(data_lib.FOLDER_PREFIX):
+    source.write_class_names(cfg.model_dir)
+  model = build_model(cfg, source.num_classes, strategy)
+  train_steps = model_lib.get_train_steps(num_train, cfg)
+
+  if cfg.mode == 'eval':
+    result = None
+    for ckpt in tf.train.checkpoints_iterator(cfg.model_dir,
+                                              min_interval_secs=15):
+      result = evaluate(cfg, source, strategy, model, ckpt, num_eval)
+      if result is None or result['global_step'] >= train_steps:
+        logging.info('Eval complete.')
+        return result
+    return result
+  manager = train(cfg, source, strategy, model, num_train)
+  if cfg.mode == 'train_then_eval':
+    return evaluate(cfg, source, strategy, model, manager.latest_checkpoint,
+                    num_eval)
+  return None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    cfg = config_from_flags()
+    run(cfg)
+  except (config_lib.ConfigError, data_lib.DatasetError,
+          checkpoints.CheckpointError) as e:
+    # One line for the person at the terminal, no stack trace.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
