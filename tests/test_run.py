@@ -1,0 +1,166 @@
+"""run.py end to end: the original README's commands, shrunk by overriding
+flags, in every mode; restores, errors, export and reload."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import conftest
+
+ROOT = conftest.ROOT
+TFDS = conftest.SHARED / 'tfds'
+# Appended to every README command: a tiny model and run on real CIFAR-10.
+SHRINK = ['--train_steps=2', '--train_batch_size=8', '--eval_steps=1',
+          '--eval_batch_size=8', '--resnet_depth=18', '--image_size=32',
+          f'--data_dir={TFDS}', '--checkpoint_steps=1',
+          '--train_summary_steps=1']
+
+
+def run_cli(*args, check=True):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  proc = subprocess.run([sys.executable, str(ROOT / 'run.py'), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'run.py failed ({proc.returncode}):\n'
+                         f'{proc.stderr[-3000:]}')
+  return proc
+
+
+# The original README's CIFAR-10 commands, as written.
+PRETRAIN = ['--train_mode=pretrain', '--train_batch_size=512',
+            '--train_epochs=1000', '--learning_rate=1.0',
+            '--weight_decay=1e-4', '--temperature=0.5', '--dataset=cifar10',
+            '--image_size=32', '--eval_split=test', '--resnet_depth=18',
+            '--use_blur=False', '--color_jitter_strength=0.5',
+            '--use_tpu=False']
+FINETUNE = ['--mode=train_then_eval', '--train_mode=finetune',
+            '--fine_tune_after_block=4', '--zero_init_logits_layer=True',
+            '--variable_schema=(?!global_step|(?:.*/|^)LARSOptimizer|head)',
+            '--global_bn=False', '--optimizer=momentum', '--learning_rate=0.1',
+            '--weight_decay=0.0', '--train_epochs=100',
+            '--train_batch_size=512', '--warmup_epochs=0', '--dataset=cifar10',
+            '--image_size=32', '--eval_split=test', '--resnet_depth=18',
+            '--use_tpu=False']
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  conftest.require(TFDS)
+  model_dir = tmp_path_factory.mktemp('pretrain')
+  proc = run_cli(*PRETRAIN, f'--model_dir={model_dir}',
+                 '--mode=train_then_eval', *SHRINK)
+  return model_dir, proc
+
+
+def test_pretrain_writes_checkpoints_results_and_savedmodel(pretrained):
+  model_dir, proc = pretrained
+  assert (model_dir / 'ckpt-2.index').exists()
+  result = json.loads((model_dir / 'result.json').read_text())
+  assert result['global_step'] == 2
+  assert 0 <= result['eval/label_top_1_accuracy'] <= 1
+  assert json.loads((model_dir / 'result_2.json').read_text()) == result
+  flags = json.loads((model_dir / 'flags.json').read_text())
+  assert flags['temperature'] == 0.5 and flags['train_steps'] == 2
+  assert (model_dir / 'saved_model' / '2' / 'saved_model.pb').exists()
+  assert 'step 2/2' in proc.stderr and 'images/s' in proc.stderr
+
+
+def test_finetune_from_pretrained_checkpoint_as_in_readme(pretrained,
+                                                          tmp_path):
+  model_dir, _ = pretrained
+  proc = run_cli(*FINETUNE, f'--checkpoint={model_dir}',
+                 f'--model_dir={tmp_path}', *SHRINK)
+  # Encoder and projection head restored; the classifier skipped by the
+  # schema (and then zeroed).
+  assert 'restored 119 variables' in proc.stderr, proc.stderr[-2000:]
+  assert '2 skipped by --variable_schema' in proc.stderr
+  assert 'Zero-initialising the supervised head' in proc.stderr
+  result = json.loads((tmp_path / 'result.json').read_text())
+  assert result['global_step'] == 2
+
+
+def test_eval_mode_evaluates_the_latest_checkpoint(pretrained, tmp_path):
+  model_dir, _ = pretrained
+  proc = run_cli(*PRETRAIN, f'--model_dir={model_dir}', '--mode=eval',
+                 *SHRINK)
+  assert 'Evaluating' in proc.stderr and 'ckpt-2' in proc.stderr
+
+
+def test_finished_run_asked_to_continue_does_nothing(pretrained):
+  model_dir, _ = pretrained
+  before = sorted(p.name for p in model_dir.iterdir())
+  proc = run_cli(*PRETRAIN, f'--model_dir={model_dir}', '--mode=train',
+                 *SHRINK)
+  assert 'Training already complete at step 2' in proc.stderr
+  assert sorted(p.name for p in model_dir.iterdir()
+                if not p.name.startswith('events')) == [
+                    n for n in before if not n.startswith('events')]
+
+
+def test_finetune_without_checkpoint_says_so(tmp_path):
+  conftest.require(TFDS)
+  proc = run_cli(*FINETUNE, f'--model_dir={tmp_path}', '--mode=train',
+                 *SHRINK)
+  assert 'without --checkpoint: training from scratch' in proc.stderr
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--dataset=no_such_dataset_xyz'], 'no_such_dataset_xyz'),
+    (['--eval_split=validation', '--mode=train_then_eval'],
+     "split 'validation'"),
+    (['--checkpoint=/nonexistent/ckpt-1', '--train_mode=finetune'],
+     '/nonexistent/ckpt-1'),
+    (['--train_mode=pretrain', '--proj_head_mode=none'], 'proj_head_mode'),
+    (['--fine_tune_after_block=7', '--train_mode=finetune'],
+     'fine_tune_after_block'),
+    (['--use_tpu=True'], 'use_tpu'),
+])
+def test_bad_input_stops_with_one_line(tmp_path, args, expected):
+  conftest.require(TFDS)
+  base = ['--dataset=cifar10', '--eval_split=test', '--use_tpu=False',
+          f'--model_dir={tmp_path / "m"}', '--resnet_depth=18',
+          '--image_size=32', f'--data_dir={TFDS}', '--train_steps=1']
+  proc = run_cli(*base, *args, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and expected in last, last
+  assert 'Traceback' not in proc.stderr
+
+
+def test_exported_savedmodel_reloads_with_plain_tensorflow(pretrained):
+  """Fresh process, no project code: the released-format call, the serving
+  signature, and gradients for fine-tuning."""
+  model_dir, _ = pretrained
+  script = f"""
+import numpy as np, tensorflow as tf
+m = tf.saved_model.load({str(model_dir / 'saved_model' / '2')!r})
+x = tf.constant(np.random.RandomState(0).uniform(size=(3, 32, 32, 3)), tf.float32)
+out = m(x, trainable=False)
+print(sorted(out))
+print(out['final_avg_pool'].shape, out['logits_sup'].shape)
+served = m.signatures['serving_default'](images=x)
+print(float(np.abs(served['logits'].numpy() - out['logits_sup'].numpy()).max()))
+print(float(np.abs(served['probabilities'].numpy().sum(1) - 1).max()))
+with tf.GradientTape() as tape:
+  loss = tf.reduce_sum(m(x, trainable=True)['logits_sup'])
+grads = tape.gradient(loss, m.trainable_variables_list)
+print(len(grads), sum(g is not None for g in grads))
+"""
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                        text=True, timeout=300,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  lines = proc.stdout.strip().splitlines()
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert lines[0] == str(sorted([
+      'block_group1', 'block_group2', 'block_group3', 'block_group4',
+      'final_avg_pool', 'initial_conv', 'initial_max_pool', 'logits_sup',
+      'proj_head_input', 'proj_head_output']))
+  assert lines[1] == '(3, 512) (3, 10)'
+  assert float(lines[2]) < 1e-5 and float(lines[3]) < 1e-5
+  total, with_grad = map(int, lines[4].split())
+  assert total == 73 and with_grad >= 70
