@@ -39,3 +39,12 @@ def mirrored2():
   devices = [d.name for d in tf.config.list_logical_devices('CPU')][:2]
   assert len(devices) == 2
   return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture(scope='session')
+def shapes10_dir(tmp_path_factory):
+  """A TFDS data dir with the embedded dataset prepared (once per session)."""
+  import embedded_dataset  # pylint: disable=import-outside-toplevel
+  data_dir = tmp_path_factory.mktemp('tfds')
+  embedded_dataset.load_builder(str(data_dir))
+  return data_dir
