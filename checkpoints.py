@@ -37,18 +37,28 @@ def variables_by_key(root):
   return {paths[o]: o for o in objects if isinstance(o, tf.Variable)}
 
 
+def is_saved_model(path):
+  return tf.io.gfile.exists(f'{path.rstrip("/")}/saved_model.pb')
+
+
 def resolve_checkpoint_path(path):
-  """A checkpoint prefix from a prefix or a directory, or a CheckpointError."""
+  """A checkpoint prefix from a prefix or a directory, or a CheckpointError.
+
+  A SavedModel directory resolves to its `variables/variables` prefix.
+  """
   if tf.io.gfile.isdir(path):
+    if is_saved_model(path):
+      prefix = f'{path.rstrip("/")}/variables/variables'
+      if not tf.io.gfile.exists(f'{prefix}.index'):
+        raise CheckpointError(f'--checkpoint={path}: SavedModel without '
+                              'variables (variables/variables.index missing).')
+      return prefix
     latest = tf.train.latest_checkpoint(path)
     if latest:
       return latest
-    if tf.io.gfile.exists(f'{path}/saved_model.pb'):
-      raise CheckpointError(
-          f'--checkpoint={path} is a SavedModel directory; restoring from '
-          'SavedModels is not supported yet: pass its training checkpoint.')
-    raise CheckpointError(f'--checkpoint={path}: directory holds no '
-                          'checkpoint (no "checkpoint" state file).')
+    raise CheckpointError(f'--checkpoint={path}: directory holds neither a '
+                          'checkpoint ("checkpoint" state file) nor a '
+                          'SavedModel (saved_model.pb).')
   if not tf.io.gfile.exists(f'{path}.index'):
     raise CheckpointError(f'--checkpoint={path}: no such checkpoint '
                           f'({path}.index does not exist).')
@@ -90,11 +100,15 @@ def restore_model(model, path, schema='.*', require_encoder=True):
                           f'({type(e).__name__}).') from None
   saved_shapes = reader.get_variable_to_shape_map()
   ours = variables_by_key(tf.train.Checkpoint(model=model))
+  # Training checkpoints key variables by object path, as ours are; a
+  # SavedModel in the released format keys them by export position.
+  saved_key_of = (saved_model_keys(model) if is_saved_model(path)
+                  else {key: key + SUFFIX for key in ours})
   report = RestoreReport(prefix, [], [], [])
   pattern = re.compile(schema)
   for key in sorted(ours):
     variable = ours[key]
-    saved_key = key + SUFFIX
+    saved_key = saved_key_of.get(key, key + SUFFIX)
     name = variable.name.split(':')[0]
     if saved_key not in saved_shapes:
       report.missing.append(key)
@@ -122,3 +136,41 @@ def restore_model(model, path, schema='.*', require_encoder=True):
           f'--checkpoint={prefix}: {len(lost)} encoder variables were not '
           f'restored (e.g. {lost[0]}): wrong checkpoint or --variable_schema.')
   return report
+
+
+def saved_model_keys(model):
+  """{checkpoint key: SavedModel variable key} for the released format.
+
+  The released SavedModels (and this project's exports) store the trainable
+  variables as `trainable_variables_list/<i>` (i = position in the exporting
+  model's `trainable_variables`, nothing frozen) and the batch-norm moving
+  statistics as `model/<layer>/variables/<j>` (j = position in that layer's
+  `variables`). Both orders are those of a model with nothing frozen, so
+  layers frozen by `fine_tune_after_block` are unfrozen while they are read.
+  """
+  encoder = model.resnet_model
+  frozen = [layer for layer in (list(encoder.initial_conv_relu_max_pool) +
+                                list(encoder.block_groups))
+            if not layer.trainable]
+  # The private flag, not the `trainable` setter: the setter would also
+  # change the inner batch-norm layers, which must keep training mode.
+  for layer in frozen:
+    layer._trainable = True  # pylint: disable=protected-access
+  try:
+    return _saved_model_keys_of(model)
+  finally:
+    for layer in frozen:
+      layer._trainable = False  # pylint: disable=protected-access
+
+
+def _saved_model_keys_of(model):
+  key_of = {id(v): k for k, v in
+            variables_by_key(tf.train.Checkpoint(model=model)).items()}
+  mapping = {}
+  for attr in ('resnet_model', '_projection_head', 'supervised_head'):
+    if hasattr(model, attr):
+      for j, variable in enumerate(getattr(model, attr).variables):
+        mapping[key_of[id(variable)]] = f'model/{attr}/variables/{j}{SUFFIX}'
+  for i, variable in enumerate(model.trainable_variables):
+    mapping[key_of[id(variable)]] = f'trainable_variables_list/{i}{SUFFIX}'
+  return mapping

@@ -572,3 +572,363 @@ def preprocess_image(image, height, width, is_training=False,
                                 color_jitter_strength=color_jitter_strength,
                                 seed=seed)
   return preprocess_for_eval(image, height, width, crop=test_crop)
+
+
+# ------------------------------------------------------------ batched path
+#
+# Vectorised counterparts of `preprocess_for_train` for a whole batch at once
+# (one op per step for all examples instead of one small op graph per example
+# inside tf.data's per-example map). Every example still gets its own random
+# parameters. Differences from the per-example functions above:
+#
+# * crop window: drawn by a vectorised re-implementation of the
+#   sample_distorted_bounding_box algorithm (aspect ratio uniform, integer
+#   height uniform between the smallest and largest allowed, the same
+#   rounding, area and min_object_covered checks, offsets uniform in
+#   [0, H - h - 1]; up to 100 attempts, fallback to the whole image), so the
+#   distribution of windows is the op's; the random streams differ, so a seed
+#   does not give the same window as the per-example code;
+# * resize: tf.image.crop_and_resize, i.e. BILINEAR (the original: bicubic)
+#   with the sample grid spanning the window from its first to its last pixel
+#   centre (align-corners style; tf.image.resize uses half-pixel centres), a
+#   sub-pixel difference in where samples fall; bilinear never overshoots
+#   [0, 1];
+# * flip: folded into the crop box (x1 > x2 mirrors the crop) or, without a
+#   crop, tf.where over the batch;
+# * saturation and hue: per-example factors applied in HSV
+#   (tf.image.rgb_to_hsv / hsv_to_rgb), which is what adjust_saturation and
+#   adjust_hue do, equal up to float rounding;
+# * random order: a per-example permutation of the four jitter steps, as in
+#   the original. It is realised by four positions over the whole batch; at
+#   each one every example runs an affine step (brightness and contrast) and
+#   an HSV step (saturation and hue) whose parameters are neutral (factor 1,
+#   shift 0) except for the one step the example takes there, so each example
+#   undergoes exactly its own sequence plus neutral round trips (float
+#   rounding only), with the original's clip after every step;
+# * the color arithmetic is one XLA-compiled function (jit_compile=True by
+#   default): XLA may reorder / fuse float operations (rounding-level
+#   differences);
+# * grayscale is applied as a per-example blend with the luma image;
+# * the jitter (p=0.8) and grayscale (p=0.2) coin flips are per example, as
+#   in the original.
+
+
+def _batch_uniform(shape, minval, maxval, seed=None):
+  """`_uniform` for a (possibly dynamic) shape."""
+  return _uniform(shape, minval, maxval, seed)
+
+
+def batch_sample_crop_windows(batch_size, image_height, image_width,
+                              aspect_ratio_range=(0.75, 4. / 3.),
+                              area_range=(0.08, 1.0), min_object_covered=0.1,
+                              max_attempts=100, seed=None):
+  """Per-example crop windows drawn like sample_distorted_bounding_box.
+
+  Mirrors the op's algorithm (tensorflow/core/kernels/image/
+  sample_distorted_bounding_box_op.cc) with the whole image as the only
+  bounding box, vectorised over [batch_size, max_attempts] draws; the first
+  valid attempt of each example is kept and the whole image is used when none
+  is valid.
+
+  Args:
+    batch_size: number of windows (int or scalar tensor).
+    image_height, image_width: source image size (ints or scalar tensors).
+    aspect_ratio_range: allowed window width / height.
+    area_range: allowed window area as a fraction of the image.
+    min_object_covered: minimum fraction of the image the window covers.
+    max_attempts: draws per example.
+    seed: optional stateless seed.
+
+  Returns:
+    int32 tensor [batch_size, 4]: offset_y, offset_x, crop_height,
+    crop_width.
+  """
+  ar_seed, h_seed, y_seed, x_seed = _split_seed(seed, 4)
+  height_f = tf.cast(image_height, tf.float32)
+  width_f = tf.cast(image_width, tf.float32)
+  shape = tf.stack([tf.cast(batch_size, tf.int32), max_attempts])
+  aspect = _batch_uniform(shape, aspect_ratio_range[0], aspect_ratio_range[1],
+                          ar_seed)
+  min_area = area_range[0] * width_f * height_f
+  max_area = area_range[1] * width_f * height_f
+  rint = tf.math.rint  # lrintf: round half to even
+  low = rint(tf.sqrt(min_area / aspect))
+  max_h = rint(tf.sqrt(max_area / aspect))
+  # The largest height whose rounded width still fits.
+  fit = tf.floor((width_f + 0.5 - 0.0000001) / aspect)
+  fit = tf.where(rint(fit * aspect) > width_f, fit - 1, fit)
+  max_h = tf.where(rint(max_h * aspect) > width_f, fit, max_h)
+  max_h = tf.minimum(max_h, height_f)
+  low = tf.minimum(low, max_h)
+  u = _batch_uniform(shape, 0., 1., h_seed)
+  h = tf.minimum(low + tf.floor(u * (max_h - low + 1)), max_h)
+  w = rint(h * aspect)
+  area = w * h
+  h = tf.where(area < min_area, h + 1, h)
+  w = rint(h * aspect)
+  area = w * h
+  h = tf.where(area > max_area, h - 1, h)
+  w = rint(h * aspect)
+  area = w * h
+  valid = ((area >= min_area) & (area <= max_area) & (w <= width_f) &
+           (h <= height_f) & (w > 0) & (h > 0) &
+           (area / (width_f * height_f) >= min_object_covered))
+  first = tf.argmax(tf.cast(valid, tf.int32), axis=1, output_type=tf.int32)
+  found = tf.reduce_any(valid, axis=1)
+  h = tf.where(found, tf.gather(h, first, batch_dims=1), height_f)
+  w = tf.where(found, tf.gather(w, first, batch_dims=1), width_f)
+  # random->Uniform(n) is an integer in [0, n - 1]; 0 when the side is full.
+  uy = _batch_uniform(shape[:1], 0., 1., y_seed)
+  ux = _batch_uniform(shape[:1], 0., 1., x_seed)
+  oy = tf.minimum(tf.floor(uy * (height_f - h)), tf.maximum(height_f - h - 1, 0))
+  ox = tf.minimum(tf.floor(ux * (width_f - w)), tf.maximum(width_f - w - 1, 0))
+  return tf.cast(tf.stack([oy, ox, h, w], axis=1), tf.int32)
+
+
+def batch_crop_and_resize(images, height, width, flip=None, seed=None):
+  """Per-example random resized crop (bilinear) of a batch, optional flip.
+
+  Args:
+    images: [B, H, W, C] uint8 (values kept in 0..255) or float.
+    height, width: output size.
+    flip: optional bool [B]: mirror these examples (free: the crop box is
+      reversed).
+    seed: optional stateless seed.
+
+  Returns:
+    [B, height, width, C] float32 (same value scale as the input).
+  """
+  shape = tf.shape(images)
+  batch, image_height, image_width = shape[0], shape[1], shape[2]
+  aspect_ratio = width / height
+  windows = tf.cast(batch_sample_crop_windows(
+      batch, image_height, image_width,
+      aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
+      area_range=(0.08, 1.0), min_object_covered=0.1, max_attempts=100,
+      seed=seed), tf.float32)
+  oy, ox, h, w = tf.unstack(windows, axis=1)
+  span_y = tf.maximum(tf.cast(image_height, tf.float32) - 1, 1.)
+  span_x = tf.maximum(tf.cast(image_width, tf.float32) - 1, 1.)
+  y1, y2 = oy / span_y, (oy + h - 1) / span_y
+  x1, x2 = ox / span_x, (ox + w - 1) / span_x
+  if flip is not None:
+    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
+  boxes = tf.stack([y1, x1, y2, x2], axis=1)
+  return tf.image.crop_and_resize(images, boxes, tf.range(batch),
+                                  [height, width], method='bilinear')
+
+
+def _batch_color_core(images, input_scale, scale, offset, contrast,
+                      saturation, hue, gray):
+  """The arithmetic of the batched color distortion, for XLA fusion.
+
+  Four positions; at each one every example runs, in this order, an affine
+  step x * (scale * contrast) + (1 - contrast) * mean + offset (brightness
+  and contrast) and an HSV step (saturation factor, hue shift), then a clip
+  to [0, 1]. The per-position parameters are neutral (1 or 0) for the steps
+  an example does not take at that position, so each example goes through
+  exactly its own sequence of the four jitter steps. Both steps clip.
+
+  Args:
+    images: [B, H, W, 3] float32 (any scale; multiplied by input_scale).
+    input_scale: scalar, 1/255 for uint8-valued input, else 1.
+    scale, offset, contrast, saturation, hue: float32 [4, B].
+    gray: float32 [B], 1 where the example becomes grayscale.
+
+  Returns:
+    [B, H, W, 3] float32 in [0, 1].
+  """
+  images = images * input_scale
+  for position in range(4):
+    k = contrast[position][:, None, None, None]
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    images = (images * (scale[position][:, None, None, None] * k) +
+              (1. - k) * mean + offset[position][:, None, None, None])
+    # Clip before HSV too: out-of-range values do not survive a round trip
+    # (at most one of the two steps is active here, so this is the
+    # original's clip after that step).
+    images = tf.clip_by_value(images, 0., 1.)
+    # adjust_saturation and adjust_hue both work in HSV; with neutral
+    # factors this is a round trip.
+    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    h = h + hue[position][:, None, None]
+    h = h - tf.floor(h)
+    s = tf.clip_by_value(s * saturation[position][:, None, None], 0., 1.)
+    images = tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
+    images = tf.clip_by_value(images, 0., 1.)
+  g = gray[:, None, None, None]
+  luma = tf.image.rgb_to_grayscale(images)
+  images = images * (1. - g) + luma * g
+  return tf.clip_by_value(images, 0., 1.)
+
+
+_batch_color_core_xla = tf.function(_batch_color_core, jit_compile=True)
+
+
+def batch_color_params(batch, strength, apply=None, random_order=True,
+                       impl='simclrv2', seed=None):
+  """Per-example, per-position color jitter parameters (see core above).
+
+  Args:
+    batch: batch size (int or scalar tensor).
+    strength: jitter strength s: brightness, contrast and saturation amounts
+      0.8 s, hue shift up to 0.2 s (an amount of 0 leaves its step neutral).
+    apply: optional bool [B]: examples that are jittered at all.
+    random_order: per-example random permutation of the four steps, else
+      brightness, contrast, saturation, hue.
+    impl: 'simclrv2' (multiplicative brightness) or 'simclrv1' (additive).
+    seed: optional stateless seed.
+
+  Returns:
+    dict of float32 [4, B] tensors scale, offset, contrast, saturation, hue
+    (row p: the parameters used at position p) and int32 [B, 4] order.
+  """
+  if impl not in ('simclrv2', 'simclrv1'):
+    raise ValueError(f'Unknown impl {impl!r} for random brightness; '
+                     "expected 'simclrv2' or 'simclrv1'.")
+  amount = 0.8 * strength
+  order_seed, b_seed, c_seed, s_seed, h_seed = _split_seed(seed, 5)
+  if impl == 'simclrv2':
+    brightness = _uniform([batch], max(1.0 - amount, 0.0), 1.0 + amount,
+                          b_seed)
+  else:
+    brightness = _uniform([batch], -amount, amount, b_seed)
+  draws = [brightness,
+           _uniform([batch], 1.0 - amount, 1.0 + amount, c_seed),
+           _uniform([batch], 1.0 - amount, 1.0 + amount, s_seed),
+           _uniform([batch], -0.2 * strength, 0.2 * strength, h_seed)]
+  neutral = [1. if impl == 'simclrv2' else 0., 1., 1., 0.]
+  if random_order:
+    order = tf.argsort(_uniform(tf.stack([batch, 4]), 0., 1., order_seed),
+                       axis=1)
+  else:
+    order = tf.tile(tf.range(4)[tf.newaxis], tf.stack([batch, 1]))
+  if apply is None:
+    apply = tf.ones([batch], tf.bool)
+  rows = [[], [], [], []]
+  for position in range(4):
+    for which in range(4):
+      on = apply & tf.equal(order[:, position], which)
+      rows[which].append(tf.where(on, draws[which], neutral[which]))
+  rows = [tf.stack(r) for r in rows]
+  ones, zeros = tf.ones_like(rows[0]), tf.zeros_like(rows[0])
+  return {'scale': rows[0] if impl == 'simclrv2' else ones,
+          'offset': zeros if impl == 'simclrv2' else rows[0],
+          'contrast': rows[1], 'saturation': rows[2], 'hue': rows[3],
+          'order': order}
+
+
+def batch_color_jitter(images, strength, apply=None, random_order=True,
+                       impl='simclrv2', jit_compile=True, seed=None):
+  """`color_jitter` for a batch, with per-example factors and order.
+
+  Args:
+    images: float [B, H, W, 3] in [0, 1].
+    strength: Python float, the jitter strength s.
+    apply: optional bool [B]: only these examples are jittered (the others
+      pass through, clipped).
+    random_order: a random per-example order of the four steps, else
+      brightness, contrast, saturation, hue.
+    impl: 'simclrv2' (multiplicative brightness) or 'simclrv1' (additive).
+    jit_compile: fuse the arithmetic with XLA (much faster on CPU).
+    seed: optional stateless seed.
+
+  Returns:
+    [B, H, W, 3] float32 in [0, 1].
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  batch = tf.shape(images)[0]
+  params = batch_color_params(batch, strength, apply=apply,
+                              random_order=random_order, impl=impl, seed=seed)
+  core = _batch_color_core_xla if jit_compile else _batch_color_core
+  return core(images, tf.constant(1.), params['scale'], params['offset'],
+              params['contrast'], params['saturation'], params['hue'],
+              tf.zeros([batch]))
+
+
+def batch_preprocess_for_train(images, height, width, color_jitter_strength=0.,
+                               crop=True, flip=True, impl='simclrv2',
+                               jitter_probability=0.8,
+                               grayscale_probability=0.2, jit_compile=True,
+                               seed=None):
+  """One training view of every image of a batch, all ops vectorised.
+
+  The batched counterpart of `preprocess_for_train` (see the notes at the top
+  of this section for its differences): per-example random resized crop,
+  horizontal flip, color jitter (p=0.8 per example, per-example factors and
+  order) and grayscale (p=0.2 per example), clipped to [0, 1].
+
+  Args:
+    images: [B, H, W, 3] uint8 (scaled by 1/255) or float in [0, 1], all the
+      same size.
+    height, width: output size.
+    color_jitter_strength: jitter strength s; 0 turns the whole color
+      distortion (grayscale included) off, as in the original.
+    crop: random resized crop; if False the images must be [height, width].
+    flip: random horizontal flip (p=1/2 per example).
+    impl: brightness variant, 'simclrv2' or 'simclrv1'.
+    jitter_probability, grayscale_probability: per-example probabilities of
+      the two color steps (the original's 0.8 and 0.2).
+    jit_compile: run the color arithmetic as one XLA-fused function (about
+      5x faster on CPU than op by op); False runs the same ops unfused.
+    seed: optional stateless seed (int or shape-[2] tensor).
+
+  Returns:
+    [B, height, width, 3] float32 in [0, 1].
+  """
+  images = tf.convert_to_tensor(images)
+  crop_seed, flip_seed, coin_seed, jitter_seed, gray_seed = _split_seed(
+      seed, 5)
+  batch = tf.shape(images)[0]
+  flips = (_uniform([batch], 0., 1., flip_seed) < 0.5) if flip else None
+  if images.dtype.is_integer and images.dtype != tf.uint8:
+    raise ValueError(f'images must be uint8 or float, got {images.dtype}')
+  # uint8 stays 0..255 through the crop; the scaling is fused later.
+  input_scale = 1. / 255. if images.dtype == tf.uint8 else 1.
+  if crop:
+    images = batch_crop_and_resize(images, height, width, flip=flips,
+                                   seed=crop_seed)
+  else:
+    static = images.shape
+    if static.rank is not None and static[1:].is_fully_defined() and (
+        tuple(static[1:].as_list()) != (height, width, 3)):
+      raise ValueError(f'images must be [B, {height}, {width}, 3] without '
+                       f'cropping, got shape {static.as_list()}')
+    images = tf.cast(images, tf.float32)
+    if flip:
+      images = tf.where(flips[:, None, None, None],
+                        tf.reverse(images, axis=[2]), images)
+  if color_jitter_strength:
+    jitter_on = _uniform([batch], 0., 1., coin_seed) < jitter_probability
+    gray_on = _uniform([batch], 0., 1., gray_seed) < grayscale_probability
+    params = batch_color_params(batch, color_jitter_strength, apply=jitter_on,
+                                impl=impl, seed=jitter_seed)
+    core = _batch_color_core_xla if jit_compile else _batch_color_core
+    images = core(images, tf.constant(input_scale), params['scale'],
+                  params['offset'], params['contrast'], params['saturation'],
+                  params['hue'], tf.cast(gray_on, tf.float32))
+  elif input_scale != 1.:
+    images = images * input_scale
+  images = tf.ensure_shape(images, [None, height, width, 3])
+  return tf.clip_by_value(images, 0., 1.)
+
+
+def batch_preprocess_two_views(images, height, width, color_jitter_strength=0.,
+                               crop=True, flip=True, impl='simclrv2',
+                               jit_compile=True, seed=None):
+  """Two independent training views of each image, stacked on channels.
+
+  Both views are computed in one call over a doubled batch (the images
+  repeated twice), so each view of each image gets independent randomness.
+
+  Returns:
+    [B, height, width, 6] float32 in [0, 1]: view 1 on channels 0-2, view 2
+    on 3-5 (the layout of the per-example pretraining pipeline).
+  """
+  images = tf.convert_to_tensor(images)
+  views = batch_preprocess_for_train(
+      tf.concat([images, images], axis=0), height, width,
+      color_jitter_strength=color_jitter_strength, crop=crop, flip=flip,
+      impl=impl, jit_compile=jit_compile, seed=seed)
+  first, second = tf.split(views, 2, axis=0)
+  return tf.concat([first, second], axis=-1)

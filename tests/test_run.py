@@ -164,3 +164,11 @@ print(len(grads), sum(g is not None for g in grads))
   assert float(lines[2]) < 1e-5 and float(lines[3]) < 1e-5
   total, with_grad = map(int, lines[4].split())
   assert total == 73 and with_grad >= 70
+
+
+def test_finetune_from_exported_savedmodel(pretrained, tmp_path):
+  model_dir, _ = pretrained
+  proc = run_cli(*FINETUNE, f'--checkpoint={model_dir / "saved_model" / "2"}',
+                 f'--model_dir={tmp_path}', '--mode=train', *SHRINK)
+  assert 'restored 119 variables' in proc.stderr, proc.stderr[-2000:]
+  assert (tmp_path / 'ckpt-2.index').exists()
