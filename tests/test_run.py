@@ -3,11 +3,14 @@ flags, in every mode; restores, errors, export and reload."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import conftest
 
@@ -172,3 +175,53 @@ def test_finetune_from_exported_savedmodel(pretrained, tmp_path):
                  f'--model_dir={tmp_path}', '--mode=train', *SHRINK)
   assert 'restored 119 variables' in proc.stderr, proc.stderr[-2000:]
   assert (tmp_path / 'ckpt-2.index').exists()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+  """SIGKILL after a checkpoint: the rerun resumes there, with the saved
+  weights and optimizer slots, and finishes."""
+  conftest.require(TFDS)
+  args = [str(ROOT / 'run.py'), *PRETRAIN, f'--model_dir={tmp_path}',
+          '--mode=train', *SHRINK, '--train_steps=40']
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (tmp_path / 'ckpt-2.index').exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  latest = tf.train.latest_checkpoint(str(tmp_path))
+  step = int(latest.rsplit('-', 1)[1])
+  assert 2 <= step < 40
+
+  # The saved state restores completely into a fresh model and optimizer.
+  import checkpoints  # pylint: disable=import-outside-toplevel
+  import model as model_lib  # pylint: disable=import-outside-toplevel
+  from config import Config  # pylint: disable=import-outside-toplevel
+  cfg = Config(resnet_depth=18, image_size=32, train_batch_size=8,
+               weight_decay=1e-4, learning_rate=1.0, temperature=0.5,
+               use_blur=False)
+  model = model_lib.Model(10, cfg)
+  model(tf.zeros([1, 32, 32, 3]), training=False)
+  optimizer = model_lib.build_optimizer(
+      model_lib.WarmUpAndCosineDecay(1.0, 10000, cfg), cfg)
+  optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
+  ckpt = tf.train.Checkpoint(model=model, global_step=optimizer.iterations,
+                             optimizer=optimizer)
+  ckpt.restore(latest).assert_consumed()
+  reader = tf.train.load_checkpoint(latest)
+  restored = checkpoints.variables_by_key(ckpt)
+  assert int(optimizer.iterations) == step
+  for key, variable in restored.items():
+    if key != 'save_counter':
+      np.testing.assert_array_equal(
+          variable.numpy(), reader.get_tensor(key + checkpoints.SUFFIX), key)
+  assert any('.OPTIMIZER_SLOT' in k for k in restored)
+
+  resumed = run_cli(*PRETRAIN, f'--model_dir={tmp_path}', '--mode=train',
+                    *SHRINK, f'--train_steps={step + 2}')
+  assert f'Resuming from {latest}' in resumed.stderr
+  assert f'step {step + 2}/{step + 2}' in resumed.stderr
+  assert (tmp_path / f'ckpt-{step + 2}.index').exists()
