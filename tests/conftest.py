@@ -48,3 +48,17 @@ def shapes10_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
   embedded_dataset.load_builder(str(data_dir))
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def det():
+  """numerics.npz of fixtures_det (loss, LARS, schedule, BN, preprocessing)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return np.load(require(FIXTURES_DET / 'numerics.npz'))
+
+
+@pytest.fixture(scope='session')
+def ref():
+  """numerics.npz of fixtures (NT-Xent, LARS, schedule, data)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return np.load(require(FIXTURES / 'numerics.npz'))

@@ -60,3 +60,12 @@ def max_rel_diff(actual, expected):
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   scale = max(1.0, float(np.abs(expected).max()))
   return float(np.abs(actual.astype(np.float64) - expected).max()) / scale
+
+
+def assert_close(actual, expected, rel=1e-5):
+  """|a - e| <= rel * max(1, max |e|), elementwise over the whole array."""
+  expected = np.asarray(expected, np.float64)
+  actual = np.asarray(actual, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)

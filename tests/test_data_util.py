@@ -5,27 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import conftest
+from helpers import assert_close
 import data_util
-
-
-@pytest.fixture(scope='module')
-def det():
-  return np.load(conftest.require(conftest.FIXTURES_DET / 'numerics.npz'))
-
-
-@pytest.fixture(scope='module')
-def ref():
-  return np.load(conftest.require(conftest.FIXTURES / 'numerics.npz'))
-
-
-def assert_close(actual, expected, rel=1e-5):
-  """|a - e| <= rel * max(1, max |e|), elementwise over the whole array."""
-  expected = np.asarray(expected, np.float64)
-  actual = np.asarray(actual, np.float64)
-  assert actual.shape == expected.shape
-  scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
 
 
 def _image(seed, height=40, width=48):

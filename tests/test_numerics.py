@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import conftest
+from helpers import assert_close
 import data_util
 import metrics
 import model as model_lib
@@ -12,24 +12,6 @@ import objective
 import resnet
 from config import Config
 from lars_optimizer import LARSOptimizer
-
-
-@pytest.fixture(scope='module')
-def det():
-  return np.load(conftest.require(conftest.FIXTURES_DET / 'numerics.npz'))
-
-
-@pytest.fixture(scope='module')
-def ref():
-  return np.load(conftest.require(conftest.FIXTURES / 'numerics.npz'))
-
-
-def assert_close(actual, expected, rel=1e-5):
-  """|a - e| <= rel * max(1, max |e|), elementwise over the whole array."""
-  expected = np.asarray(expected, np.float64)
-  scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                             rtol=0, atol=rel * scale)
 
 
 # ---------------------------------------------------------------- NT-Xent
