@@ -20,6 +20,12 @@ def supervised_accuracy(labels, logits):
   return tf.reduce_mean(tf.cast(correct, tf.float32))
 
 
+def view_pairs(images, count=4):
+  """[count, H, W * views, 3]: each example's views side by side, to look at."""
+  views = tf.split(images[:count], images.shape[-1] // 3, axis=-1)
+  return tf.concat(views, axis=2)
+
+
 def log_and_write_metrics_to_summary(all_metrics, global_step):
   """Logs each Keras metric's result and writes it as a scalar summary."""
   for metric in all_metrics:

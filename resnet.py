@@ -155,11 +155,13 @@ class SE_Layer(keras.layers.Layer):  # pylint: disable=invalid-name
   def __init__(self, filters, se_ratio, **kwargs):
     super().__init__(**kwargs)
     conv_args = dict(kernel_size=[1, 1], strides=[1, 1], padding='same',
-                     use_bias=True, kernel_initializer=_conv_initializer())
-    self.se_reduce = keras.layers.Conv2D(max(1, int(filters * se_ratio)),
-                                         **conv_args)
+                     use_bias=True)
+    self.se_reduce = keras.layers.Conv2D(
+        max(1, int(filters * se_ratio)),
+        kernel_initializer=_conv_initializer(), **conv_args)
     # Its width is the input's, known only in build().
-    self.se_expand = keras.layers.Conv2D(None, **conv_args)
+    self.se_expand = keras.layers.Conv2D(
+        None, kernel_initializer=_conv_initializer(), **conv_args)
 
   def build(self, input_shape):
     self.se_expand.filters = int(input_shape[-1])

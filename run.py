@@ -276,6 +276,12 @@ def train(cfg, source, strategy, model, num_train_examples):
   step_fn = training.make_train_step(model, optimizer, cfg, strategy)
 
   def replica_step(images, labels):
+    # Written before the step so it can overlap; what the model trains on,
+    # view 1 next to view 2 for pretraining.
+    record = tf.equal((optimizer.iterations + 1) % summary_steps, 0)
+    with tf.summary.record_if(record):
+      tf.summary.image('augmented_views', metrics.view_pairs(images),
+                       step=optimizer.iterations + 1, max_outputs=4)
     terms = step_fn(images, labels['labels'])
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
@@ -297,7 +303,8 @@ def train(cfg, source, strategy, model, num_train_examples):
   while step < train_steps:
     steps = min(steps_per_loop, train_steps - step,
                 checkpoint_steps - step % checkpoint_steps)
-    train_loop(iterator, tf.constant(steps))
+    with summary_writer.as_default():
+      train_loop(iterator, tf.constant(steps))
     step = int(global_step.numpy())
     values = {n: float(m.result()) for n, m in train_metrics.items()}
     lr = float(schedule(tf.cast(step - 1, tf.float32)))
