@@ -12,6 +12,7 @@ down.
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -157,6 +158,31 @@ flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   '(each one is logged).')
 
 
+class TrainingDiverged(RuntimeError):
+  """The loss became non-finite; the message is one line for the user."""
+
+
+class _StopRequest:
+  """Remembers SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can save first."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def config_from_flags():
   """The frozen Config of this run, validated (ConfigError on bad values)."""
   fields = config_lib.Config.__dataclass_fields__
@@ -241,7 +267,7 @@ def restore_or_initialise(cfg, model, manager):
 
 
 def train(cfg, source, strategy, model, num_train_examples):
-  """The training loop; returns the CheckpointManager."""
+  """The training loop; returns (CheckpointManager, finished)."""
   train_steps = model_lib.get_train_steps(num_train_examples, cfg)
   epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
   checkpoint_steps = (cfg.checkpoint_steps or
@@ -297,29 +323,42 @@ def train(cfg, source, strategy, model, num_train_examples):
   if step >= train_steps:
     logging.info('Training already complete at step %d (of %d).', step,
                  train_steps)
-    return manager
+    return manager, True
   progress = Progress(train_steps, cfg.train_batch_size, step)
   iterator = iter(dataset)
-  while step < train_steps:
-    steps = min(steps_per_loop, train_steps - step,
-                checkpoint_steps - step % checkpoint_steps)
-    with summary_writer.as_default():
-      train_loop(iterator, tf.constant(steps))
-    step = int(global_step.numpy())
-    values = {n: float(m.result()) for n, m in train_metrics.items()}
-    lr = float(schedule(tf.cast(step - 1, tf.float32)))
-    logging.info('%s | lr=%.5f', progress.line(step, values), lr)
-    with summary_writer.as_default():
-      for name, value in values.items():
-        tf.summary.scalar(f'train/{name}', value, step=step)
-      tf.summary.scalar('learning_rate', lr, step=step)
-    for metric in train_metrics.values():
-      metric.reset_states()
-    if step % checkpoint_steps == 0 or step >= train_steps:
-      manager.save(checkpoint_number=step)
+  with _StopRequest() as stop:
+    while step < train_steps and stop.signal is None:
+      steps = min(steps_per_loop, train_steps - step,
+                  checkpoint_steps - step % checkpoint_steps)
+      with summary_writer.as_default():
+        train_loop(iterator, tf.constant(steps))
+      step = int(global_step.numpy())
+      values = {n: float(m.result()) for n, m in train_metrics.items()}
+      lr = float(schedule(tf.cast(step - 1, tf.float32)))
+      logging.info('%s | lr=%.5f', progress.line(step, values), lr)
+      with summary_writer.as_default():
+        for name, value in values.items():
+          tf.summary.scalar(f'train/{name}', value, step=step)
+        tf.summary.scalar('learning_rate', lr, step=step)
+      for metric in train_metrics.values():
+        metric.reset_states()
+      if not all(math.isfinite(v) for v in values.values()):
+        # Stop before the next save: no checkpoint holds the broken weights.
+        shown = ', '.join(f'{k}={v:.4g}' for k, v in values.items())
+        raise TrainingDiverged(
+            f'non-finite loss by step {step} ({shown}); last good checkpoint: '
+            f'{manager.latest_checkpoint or "none"}, nothing saved after it; '
+            'lower --learning_rate or check the data.')
+      if (step % checkpoint_steps == 0 or step >= train_steps or
+          stop.signal is not None):
+        manager.save(checkpoint_number=step)
   summary_writer.flush()
+  if stop.signal is not None and step < train_steps:
+    logging.info('Stopped by signal %d at step %d after saving; rerun the '
+                 'same command to resume.', stop.signal, step)
+    return manager, False
   logging.info('Training complete at step %d.', step)
-  return manager
+  return manager, True
 
 
 def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
@@ -422,8 +461,8 @@ def run(cfg):
         logging.info('Eval complete.')
         return result
     return result
-  manager = train(cfg, source, strategy, model, num_train)
-  if cfg.mode == 'train_then_eval':
+  manager, finished = train(cfg, source, strategy, model, num_train)
+  if cfg.mode == 'train_then_eval' and finished:
     return evaluate(cfg, source, strategy, model, manager.latest_checkpoint,
                     num_eval)
   return None
@@ -436,7 +475,7 @@ def main(argv):
     cfg = config_from_flags()
     run(cfg)
   except (config_lib.ConfigError, data_lib.DatasetError,
-          checkpoints.CheckpointError) as e:
+          checkpoints.CheckpointError, TrainingDiverged) as e:
     # One line for the person at the terminal, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

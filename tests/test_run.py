@@ -282,3 +282,41 @@ def test_imagenet_readme_commands_run_shrunk(pretrained, tmp_path):
                  f'--checkpoint={model_dir}', *SHRINK, *OFFLINE)
   assert 'restored 119 variables' in proc.stderr
   assert (tmp_path / 'ft' / 'result_2.json').exists()
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+  """Preemption: SIGTERM mid-run saves the current step and exits cleanly."""
+  conftest.require(TFDS)
+  log = tmp_path / 'log.txt'
+  model_dir = tmp_path / 'm'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / 'run.py'), *PRETRAIN,
+         f'--model_dir={model_dir}', '--mode=train', *SHRINK,
+         '--train_steps=1000', '--checkpoint_steps=1000',
+         '--train_summary_steps=1'],
+        cwd=ROOT, env=env, stdout=out, stderr=out)
+    deadline = time.time() + 300
+    while 'step 1/1000' not in log.read_text():
+      assert proc.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+  text = log.read_text()
+  assert 'Stopped by signal 15' in text
+  step = int(tf.train.latest_checkpoint(str(model_dir)).rsplit('-', 1)[1])
+  assert 1 <= step < 1000
+  assert not (model_dir / 'saved_model').exists()
+
+
+def test_divergence_stops_without_saving_broken_weights(tmp_path):
+  conftest.require(TFDS)
+  proc = run_cli(*PRETRAIN, f'--model_dir={tmp_path}', '--mode=train',
+                 *SHRINK, '--train_steps=4', '--learning_rate=1e35',
+                 '--warmup_epochs=0', check=False)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: non-finite loss by step 2')
+  assert f'last good checkpoint: {tmp_path}/ckpt-1' in last
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-1')
