@@ -463,8 +463,15 @@ def run(cfg):
     return result
   manager, finished = train(cfg, source, strategy, model, num_train)
   if cfg.mode == 'train_then_eval' and finished:
+    # Evaluation exports the SavedModel of the evaluated checkpoint.
     return evaluate(cfg, source, strategy, model, manager.latest_checkpoint,
                     num_eval)
+  if finished and is_chief(strategy):
+    step = int(manager.latest_checkpoint.rsplit('-', 1)[1])
+    exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
+    if not tf.io.gfile.exists(exported):
+      export.export_and_rotate(model, cfg.model_dir, step,
+                               cfg.keep_hub_module_max)
   return None
 
 

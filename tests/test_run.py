@@ -252,6 +252,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   assert f'Resuming from {latest}' in resumed.stderr
   assert f'step {step + 2}/{step + 2}' in resumed.stderr
   assert (tmp_path / f'ckpt-{step + 2}.index').exists()
+  # --mode=train exports the final model too.
+  assert (tmp_path / 'saved_model' / str(step + 2) / 'saved_model.pb').exists()
 
 
 IMAGENET_PRETRAIN = ['--train_mode=pretrain', '--train_batch_size=4096',
