@@ -121,7 +121,13 @@ def restore_model(model, path, schema='.*', require_encoder=True):
           f'--checkpoint={prefix}: {key} has shape '
           f'{list(saved_shapes[saved_key])} there but '
           f'{variable.shape.as_list()} in this model (another model size?).')
-    variable.assign(reader.get_tensor(saved_key))
+    try:
+      value = reader.get_tensor(saved_key)
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+      raise CheckpointError(
+          f'--checkpoint={prefix}: cannot read {key} '
+          f'({type(e).__name__}; truncated or corrupt data file?).') from None
+    variable.assign(value)
     report.restored.append(key)
   logging.info('%s', report.summary())
   for key in report.skipped_by_schema:

@@ -65,6 +65,9 @@ class Config:
   # restore (the TF1 README's flag).
   variable_schema: str = '.*'
   train_summary_steps: int = 100
+  # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
+  # the newest readable earlier one (and say so) instead of stopping.
+  resume_fallback: bool = False
   # Image folders: 'fail' on an unreadable image, or 'skip' it (and say so).
   on_corrupt: str = 'fail'
   # Where to run (the original's defaults: a TPU).

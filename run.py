@@ -153,6 +153,10 @@ flags.DEFINE_string('variable_schema', _D.variable_schema,
                     'Regex over variable names: what --checkpoint restores, '
                     "e.g. '(?!global_step|(?:.*/|^)Momentum|head)'.")
 # New here.
+flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
+                  'If the latest checkpoint in model_dir is unreadable, '
+                  'resume from the newest readable earlier one instead of '
+                  'stopping.')
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')
@@ -249,13 +253,41 @@ class Progress:
             f'{left / 60:.1f} min left | {shown}')
 
 
+def _restore_problem(checkpoint, path):
+  """None if `checkpoint` restored from `path`, else what went wrong."""
+  if not tf.io.gfile.exists(path + '.index'):
+    return 'listed in the checkpoint state file but its files are missing'
+  try:
+    checkpoint.restore(path).assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    return f'unreadable ({type(e).__name__}: {first})'
+  return None
+
+
 def restore_or_initialise(cfg, model, manager):
   """Resumes from model_dir, else initialises from --checkpoint."""
-  latest = manager.latest_checkpoint
-  if latest:
-    logging.info('Resuming from %s', latest)
-    manager.checkpoint.restore(latest).assert_existing_objects_matched()
-    return
+  state = tf.train.get_checkpoint_state(cfg.model_dir)
+  saved = list(state.all_model_checkpoint_paths) if state else []
+  if state and state.model_checkpoint_path not in saved:
+    saved.append(state.model_checkpoint_path)
+  saved = [p if os.path.isabs(p) or '://' in p else
+           os.path.join(cfg.model_dir, p) for p in saved]
+  for path in reversed(saved):
+    problem = _restore_problem(manager.checkpoint, path)
+    if problem is None:
+      logging.info('Resuming from %s', path)
+      return
+    if not cfg.resume_fallback:
+      raise checkpoints.CheckpointError(
+          f'cannot resume from {path}: {problem}; pass --resume_fallback to '
+          'resume from the previous checkpoint instead.')
+    logging.warning('Checkpoint %s is %s; falling back to the previous one.',
+                    path, problem)
+  if saved:
+    raise checkpoints.CheckpointError(
+        f'no readable checkpoint in {cfg.model_dir} (tried {len(saved)}); '
+        'move the model_dir away to start afresh.')
   if cfg.checkpoint:
     checkpoints.restore_model(model, cfg.checkpoint, cfg.variable_schema)
     if cfg.zero_init_logits_layer and hasattr(model, 'supervised_head'):

@@ -3,6 +3,7 @@ flags, in every mode; restores, errors, export and reload."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,44 @@ def test_divergence_stops_without_saving_broken_weights(tmp_path):
   assert last.startswith('error: non-finite loss by step 2')
   assert f'last good checkpoint: {tmp_path}/ckpt-1' in last
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-1')
+
+
+@pytest.mark.parametrize('damage', ['truncated_data', 'state_points_nowhere'])
+def test_damaged_latest_checkpoint_stops_or_falls_back(pretrained, tmp_path,
+                                                       damage):
+  model_dir, _ = pretrained
+  work = tmp_path / 'm'
+  shutil.copytree(model_dir, work)
+  if damage == 'truncated_data':
+    data = work / 'ckpt-2.data-00000-of-00001'
+    data.write_bytes(data.read_bytes()[:1000])
+    named = 'ckpt-2'
+  else:
+    state = work / 'checkpoint'
+    state.write_text(state.read_text().replace('ckpt-2', 'ckpt-9'))
+    named = 'ckpt-9'
+  args = [*PRETRAIN, f'--model_dir={work}', '--mode=train', *SHRINK,
+          '--train_steps=3']
+  proc = run_cli(*args, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: cannot resume from {work}/{named}'), last
+  assert '--resume_fallback' in last
+  proc = run_cli(*args, '--resume_fallback')
+  assert f'Resuming from {work}/ckpt-1' in proc.stderr
+  assert 'falling back to the previous one' in proc.stderr
+  assert tf.train.latest_checkpoint(str(work)).endswith('ckpt-3')
+
+
+def test_truncated_checkpoint_given_to_finetune_is_named(pretrained,
+                                                        tmp_path):
+  model_dir, _ = pretrained
+  for name in ('ckpt-2.index', 'ckpt-2.data-00000-of-00001'):
+    shutil.copy(model_dir / name, tmp_path / name)
+  data = tmp_path / 'ckpt-2.data-00000-of-00001'
+  data.write_bytes(data.read_bytes()[:1000])
+  proc = run_cli(*FINETUNE, f'--checkpoint={tmp_path}/ckpt-2',
+                 f'--model_dir={tmp_path / "ft"}', *SHRINK, check=False)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f'{tmp_path}/ckpt-2' in last and 'corrupt' in last, last
