@@ -1,4 +1,4 @@
-"""The frozen configuration every library module reads instead of absl FLAGS.
+"""The frozen configuration every library module reads instead of absl flags.
 
 `run.py` is the only reader of flags: it builds one `Config` from them and
 passes it down. Tests and notebooks build a `Config` directly, e.g.

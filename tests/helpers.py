@@ -3,12 +3,9 @@ import json
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.checkpoint import graph_view
-from tensorflow.python.checkpoint import util as checkpoint_util
 
+from checkpoints import SUFFIX, variables_by_key  # pylint: disable=unused-import
 import config as config_lib
-
-SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
 
 
 def config_from_flags(flags, **overrides):
@@ -17,14 +14,6 @@ def config_from_flags(flags, **overrides):
   values = {k: v for k, v in flags.items() if k in fields}
   values.update(overrides)
   return config_lib.Config(**values)
-
-
-def variables_by_key(root):
-  """{checkpoint key: variable} of `root`, as tf.train.Checkpoint names them."""
-  view = graph_view.ObjectGraphView(root)
-  objects, _, _, _, paths = (
-      checkpoint_util.objects_ids_and_slot_variables_and_paths(view))
-  return {paths[o]: o for o in objects if isinstance(o, tf.Variable)}
 
 
 def read_manifest(path):
