@@ -466,6 +466,20 @@ def _write_json(path, obj):
   tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
 
 
+def _check_writable(model_dir):
+  """Creates model_dir and proves it writable, before any work."""
+  probe = os.path.join(model_dir, '.write_test')
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('ok')
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise config_lib.ConfigError(
+        f'--model_dir={model_dir} is not writable ({type(e).__name__}).'
+    ) from None
+
+
 def run(cfg):
   """Runs `cfg.mode` for the run described by `cfg`."""
   if not cfg.model_dir:
@@ -475,10 +489,18 @@ def run(cfg):
   num_train = source.num_examples(cfg.train_split)
   num_eval = (source.num_examples(cfg.eval_split)
               if cfg.mode != 'train' else 0)
+  if cfg.checkpoint:
+    checkpoints.resolve_checkpoint_path(cfg.checkpoint)  # fails early
   strategy = build_strategy(cfg)
-  logging.info('Running on %d replica(s) with %s', strategy.num_replicas_in_sync,
+  replicas = strategy.num_replicas_in_sync
+  logging.info('Running on %d replica(s) with %s', replicas,
                type(strategy).__name__)
-  tf.io.gfile.makedirs(cfg.model_dir)
+  for name in ('train_batch_size', 'eval_batch_size'):
+    if getattr(cfg, name) % replicas:
+      raise config_lib.ConfigError(
+          f'--{name}={getattr(cfg, name)} is not divisible by the {replicas} '
+          'replicas: use a multiple of it.')
+  _check_writable(cfg.model_dir)
   if cfg.dataset.startswith(data_lib.FOLDER_PREFIX):
     source.write_class_names(cfg.model_dir)
   model = build_model(cfg, source.num_classes, strategy)
