@@ -540,6 +540,13 @@ def main(argv):
     # One line for the person at the terminal, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except tf.errors.ResourceExhaustedError:
+    print(f'error: out of memory with --train_batch_size='
+          f'{FLAGS.train_batch_size} and --eval_batch_size='
+          f'{FLAGS.eval_batch_size} (per replica: divided by the replicas); '
+          'try smaller batches or a smaller --resnet_depth/--width_multiplier.',
+          file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import sys
 
 from absl import flags
 import pytest
+import tensorflow as tf
 
 import conftest
 import run
@@ -88,3 +89,21 @@ def test_unknown_flag_is_refused_by_name():
   assert proc.returncode != 0
   assert "Unknown command line flag 'learning_rat'" in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_out_of_memory_gives_a_hint(tmp_path, capsys, monkeypatch):
+  def exhausted(cfg):
+    del cfg
+    raise tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating')
+  monkeypatch.setattr(run, 'run', exhausted)
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['run.py', *base(tmp_path), '--train_batch_size=4096'])
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      run.main(['run.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert exit_info.value.code == 2
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith('error: out of memory with --train_batch_size=4096')
+  assert 'smaller batches' in last
