@@ -20,6 +20,18 @@ def base(tmp_path):
           '--train_batch_size=8', '--eval_batch_size=8']
 
 
+def main_exit_code(argv):
+  """Parses `argv` as run.py's flags, runs its main, returns the exit code."""
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['run.py', *argv])
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      run.main(['run.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return exit_info.value.code
+
+
 CASES = [
     (['--train_mode=pretrain', '--proj_head_mode=none'], 'proj_head_mode'),
     (['--train_mode=pretrain', '--fine_tune_after_block=2'], 'fine_tune_after_block'),
@@ -69,14 +81,7 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys, monkeypatch, args,
   built = []
   monkeypatch.setattr(run, 'build_model',
                       lambda *a: built.append(a) or pytest.fail('built'))
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(['run.py', *base(tmp_path), *args])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      run.main(['run.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert exit_info.value.code == 2
+  assert main_exit_code(base(tmp_path) + args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err and err[-1].startswith('error: ') and expected in err[-1], err
   assert not built
@@ -96,14 +101,7 @@ def test_out_of_memory_gives_a_hint(tmp_path, capsys, monkeypatch):
     del cfg
     raise tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating')
   monkeypatch.setattr(run, 'run', exhausted)
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(['run.py', *base(tmp_path), '--train_batch_size=4096'])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      run.main(['run.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert exit_info.value.code == 2
+  assert main_exit_code(base(tmp_path) + ['--train_batch_size=4096']) == 2
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert last.startswith('error: out of memory with --train_batch_size=4096')
   assert 'smaller batches' in last
