@@ -198,7 +198,6 @@ def build_input_fn(source, global_batch_size, is_training, config,
     dataset = dataset.batch(batch_size, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
-  input_fn.num_examples = num_examples
   return input_fn
 
 

@@ -1,5 +1,4 @@
-"""Training and evaluation metrics: their updates and their summaries."""
-from absl import logging
+"""Training metrics computed inside the step, and images for summaries."""
 import tensorflow as tf
 
 
@@ -24,11 +23,3 @@ def view_pairs(images, count=4):
   """[count, H, W * views, 3]: each example's views side by side, to look at."""
   views = tf.split(images[:count], images.shape[-1] // 3, axis=-1)
   return tf.concat(views, axis=2)
-
-
-def log_and_write_metrics_to_summary(all_metrics, global_step):
-  """Logs each Keras metric's result and writes it as a scalar summary."""
-  for metric in all_metrics:
-    value = float(metric.result().numpy())
-    logging.info('Step: [%d] %s = %f', global_step, metric.name, value)
-    tf.summary.scalar(metric.name, value, step=global_step)
