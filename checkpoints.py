@@ -1,12 +1,16 @@
 """Initialising a model from a checkpoint, loudly.
 
-`restore_model` reads a TF2 object-based checkpoint (written by this project
-or by the original TF2 code: the keys are the same) and assigns every model
-variable it finds, filtered by a regex over variable names (`--variable_schema`).
-It reports what was restored, what the schema skipped and what the
-checkpoint lacked, and fails with one line when the encoder was not restored
-or a shape does not match, instead of the original's silent
-`expect_partial()`.
+`restore_model` reads any of the formats SimCLR models come in: a TF2
+object-based checkpoint (written by this project or by the original TF2
+code: the keys are the same), a SavedModel in the released format, or a TF1
+name-based checkpoint of the original (the `gs://simclr-checkpoints` bucket;
+names from tf1_names.py), optionally its EMA copies. It assigns every model
+variable it finds, filtered by a regex over variable names
+(`--variable_schema`), reports what was restored, what the schema skipped,
+what the checkpoint lacked and what it held that was not used, and fails
+with one line when the encoder was not restored, a shape does not match or
+the checkpoint's encoder has layers this model lacks, instead of the
+original's silent `expect_partial()`.
 """
 import dataclasses
 import re
@@ -15,6 +19,8 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.python.checkpoint import graph_view
 from tensorflow.python.checkpoint import util as checkpoint_util
+
+import tf1_names
 
 SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
 ENCODER_PREFIX = 'model/resnet_model/'
@@ -67,60 +73,159 @@ def resolve_checkpoint_path(path):
 
 @dataclasses.dataclass
 class RestoreReport:
+  """What a restore did; keys are this model's checkpoint keys.
+
+  `unused` lists the checkpoint's entries that no model variable took:
+  optimizer state, a head this model lacks, EMA copies not chosen.
+  """
   path: str
+  format: str
   restored: list
   skipped_by_schema: list
   missing: list
+  unused: list
 
   def summary(self):
-    return (f'restored {len(self.restored)} variables from {self.path}; '
-            f'{len(self.skipped_by_schema)} skipped by --variable_schema; '
-            f'{len(self.missing)} not in the checkpoint (left as '
-            'initialised)')
+    return (f'restored {len(self.restored)} variables from {self.path} '
+            f'({self.format}); {len(self.skipped_by_schema)} skipped by '
+            f'--variable_schema; {len(self.missing)} not in the checkpoint '
+            f'(left as initialised); {len(self.unused)} checkpoint entries '
+            'unused (optimizer state, other heads, EMA copies)')
 
 
-def restore_model(model, path, schema='.*', require_encoder=True):
+FORMATS = {
+    'tf2': 'TF2 object checkpoint',
+    'saved_model': 'SavedModel',
+    'tf1': 'TF1 name-based checkpoint',
+}
+
+
+def checkpoint_format(path, keys):
+  """'saved_model', 'tf2' or 'tf1' for the checkpoint at `path` with `keys`."""
+  if is_saved_model(path):
+    return 'saved_model'
+  if '_CHECKPOINTABLE_OBJECT_GRAPH' in keys:
+    return 'tf2'
+  if tf1_names.is_tf1_checkpoint(keys):
+    return 'tf1'
+  raise CheckpointError(
+      f'--checkpoint={path}: neither a TF2 object checkpoint, a SavedModel '
+      'nor a TF1 SimCLR checkpoint (no base_model/ variables).')
+
+
+def check_checkpoint(path, use_ema=False):
+  """Fails early (CheckpointError) unless `path` is a readable checkpoint of
+  a known format, with `ema_model/` copies when `use_ema`. Returns the format.
+  """
+  prefix = resolve_checkpoint_path(path)
+  try:
+    keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError) as e:
+    raise CheckpointError(f'--checkpoint={prefix}: cannot be read '
+                          f'({type(e).__name__}).') from None
+  fmt = checkpoint_format(path, keys)
+  if use_ema and not any(k.startswith(tf1_names.EMA_PREFIX) for k in keys):
+    raise CheckpointError(
+        f'--checkpoint={path}: --use_ema_weights but the checkpoint has no '
+        f'{tf1_names.EMA_PREFIX} variables ({FORMATS[fmt]}).')
+  return fmt
+
+
+def _layout(model, ours, fmt, saved_shapes, use_ema):
+  """({our key: (saved key, name the schema sees)}, is-encoder predicate)."""
+  if fmt == 'tf1':
+    names = tf1_names.tf1_names(model, ours)
+    encoder = tf1_names.ENCODER + '/'
+    if use_ema:
+      encoder = tf1_names.EMA_PREFIX + encoder
+
+    def saved(name):
+      ema = tf1_names.EMA_PREFIX + name
+      return ema if use_ema and ema in saved_shapes else name
+
+    # The schema sees the TF1 name, so the TF1 README's schemas work as is.
+    layout = {key: (saved(name), name) for key, name in names.items()}
+    return layout, lambda k: (k.startswith(encoder) and
+                              not k.endswith(tf1_names.SLOT_SUFFIX))
+  if fmt == 'saved_model':
+    saved_key_of = saved_model_keys(model)
+    is_encoder = lambda k: k.startswith(ENCODER_PREFIX)
+  else:
+    saved_key_of = {key: key + SUFFIX for key in ours}
+    is_encoder = lambda k: (k.startswith(ENCODER_PREFIX) and
+                            '.OPTIMIZER_SLOT' not in k)
+  layout = {key: (saved_key_of.get(key, key + SUFFIX),
+                  variable.name.split(':')[0])
+            for key, variable in ours.items()}
+  return layout, is_encoder
+
+
+def _in_model_order(model, ours):
+  """Our keys, encoder and projection head in creation order, then the rest."""
+  key_of = {id(v): k for k, v in ours.items()}
+  ordered = [key_of[id(v)] for v in model.variables_in_creation_order()
+             if id(v) in key_of]
+  return ordered + sorted(set(ours) - set(ordered))
+
+
+def _shape_hint(model, name, saved_shape):
+  if 'supervised' in name and len(saved_shape) == 2:
+    if saved_shape[0] == model.config.proj_out_dim:
+      return ('a checkpoint whose classifier reads the projection output: '
+              'pass --ft_proj_selector=-1')
+    return ('another number of classes: leave the classifier out with '
+            "--variable_schema='(?!global_step|(?:.*/|^)Momentum|head)'")
+  return 'another --resnet_depth, --width_multiplier or --sk_ratio?'
+
+
+def restore_model(model, path, schema='.*', require_encoder=True,
+                  use_ema=False):
   """Assigns the model's variables from the checkpoint at `path`.
 
   Args:
     model: a built `model.Model` (all variables exist).
-    path: checkpoint prefix or directory.
+    path: checkpoint prefix or directory: a TF2 object checkpoint (this
+      project's or the original's), a SavedModel directory in the released
+      format, or a TF1 name-based checkpoint of the original.
     schema: regex; a variable is restored only if `re.match(schema, name)`
-      matches its name (e.g. `(?!head_supervised)` keeps the classifier).
+      matches its name: its TF1 name for TF1 checkpoints (as in the TF1
+      README, e.g. `(?!global_step|(?:.*/|^)Momentum|head)`), else its
+      variable name.
     require_encoder: raise unless every encoder variable was restored.
+    use_ema: read the `ema_model/` copies of a TF1 checkpoint.
 
   Returns:
     A RestoreReport (also logged).
+
+  Raises:
+    CheckpointError: unreadable checkpoint, a shape that does not match (one
+      line naming the first such variable and both shapes), encoder
+      variables the model lacks, or (with require_encoder) encoder variables
+      not restored.
   """
+  fmt = check_checkpoint(path, use_ema)
   prefix = resolve_checkpoint_path(path)
-  try:
-    reader = tf.train.load_checkpoint(prefix)
-  except (tf.errors.OpError, ValueError) as e:
-    raise CheckpointError(f'--checkpoint={prefix}: cannot be read '
-                          f'({type(e).__name__}).') from None
+  reader = tf.train.load_checkpoint(prefix)
   saved_shapes = reader.get_variable_to_shape_map()
   ours = variables_by_key(tf.train.Checkpoint(model=model))
-  # Training checkpoints key variables by object path, as ours are; a
-  # SavedModel in the released format keys them by export position.
-  saved_key_of = (saved_model_keys(model) if is_saved_model(path)
-                  else {key: key + SUFFIX for key in ours})
-  report = RestoreReport(prefix, [], [], [])
+  layout, is_encoder = _layout(model, ours, fmt, saved_shapes, use_ema)
+  report = RestoreReport(prefix, FORMATS[fmt], [], [], [], [])
   pattern = re.compile(schema)
-  for key in sorted(ours):
+  for key in _in_model_order(model, ours):
     variable = ours[key]
-    saved_key = saved_key_of.get(key, key + SUFFIX)
-    name = variable.name.split(':')[0]
+    saved_key, name = layout[key]
     if saved_key not in saved_shapes:
       report.missing.append(key)
       continue
     if not pattern.match(name):
       report.skipped_by_schema.append(key)
       continue
-    if list(saved_shapes[saved_key]) != variable.shape.as_list():
+    saved_shape = list(saved_shapes[saved_key])
+    if saved_shape != variable.shape.as_list():
       raise CheckpointError(
-          f'--checkpoint={prefix}: {key} has shape '
-          f'{list(saved_shapes[saved_key])} there but '
-          f'{variable.shape.as_list()} in this model (another model size?).')
+          f'--checkpoint={prefix}: {saved_key.replace(SUFFIX, "")} has shape '
+          f'{saved_shape} there but {variable.shape.as_list()} in this model '
+          f'({_shape_hint(model, name, saved_shape)}).')
     try:
       value = reader.get_tensor(saved_key)
     except (tf.errors.OpError, ValueError, IndexError) as e:
@@ -129,6 +234,15 @@ def restore_model(model, path, schema='.*', require_encoder=True):
           f'({type(e).__name__}; truncated or corrupt data file?).') from None
     variable.assign(value)
     report.restored.append(key)
+  taken = {layout[k][0] for k in report.restored + report.skipped_by_schema}
+  report.unused = sorted(set(saved_shapes) - taken -
+                         {'_CHECKPOINTABLE_OBJECT_GRAPH'})
+  extra = [k for k in report.unused if is_encoder(k)]
+  if extra:
+    raise CheckpointError(
+        f'--checkpoint={prefix}: {len(extra)} encoder variables have no place '
+        f'in this model (e.g. {extra[0].replace(SUFFIX, "")}): another '
+        '--resnet_depth, --width_multiplier or --sk_ratio?')
   logging.info('%s', report.summary())
   for key in report.skipped_by_schema:
     logging.info('  skipped by schema: %s', key)
@@ -142,6 +256,21 @@ def restore_model(model, path, schema='.*', require_encoder=True):
           f'--checkpoint={prefix}: {len(lost)} encoder variables were not '
           f'restored (e.g. {lost[0]}): wrong checkpoint or --variable_schema.')
   return report
+
+
+def supervised_classes(path):
+  """Classes of the checkpoint's supervised head, or None without one."""
+  prefix = resolve_checkpoint_path(path)
+  shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+  for key, shape in shapes.items():
+    if len(shape) == 1 and (
+        key.startswith('model/supervised_head/') or
+        key.startswith(tf1_names.SUPERVISED_HEAD + '/') or
+        key.startswith(tf1_names.EMA_PREFIX + tf1_names.SUPERVISED_HEAD)):
+      if '.OPTIMIZER_SLOT' not in key and not key.endswith(
+          tf1_names.SLOT_SUFFIX):
+        return int(shape[0])
+  return None
 
 
 def saved_model_keys(model):

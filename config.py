@@ -64,6 +64,9 @@ class Config:
   # Restoring from --checkpoint: a regex over variable names choosing what to
   # restore (the TF1 README's flag).
   variable_schema: str = '.*'
+  # Restoring a released TF1 checkpoint: its `ema_model/` (moving-average)
+  # copy of the weights instead of the raw ones.
+  use_ema_weights: bool = False
   train_summary_steps: int = 100
   # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
   # the newest readable earlier one (and say so) instead of stopping.
@@ -161,6 +164,9 @@ class Config:
       raise ConfigError(
           'proj_head_mode=none with train_mode=pretrain: the contrastive loss '
           'needs a projection head (linear or nonlinear).')
+    if self.use_ema_weights and not self.checkpoint:
+      raise ConfigError('use_ema_weights=True without --checkpoint: it '
+                        'chooses the EMA weights of the checkpoint restored.')
     num_hiddens = self.num_proj_layers if self.proj_head_mode == 'nonlinear' \
         else 1 if self.proj_head_mode == 'linear' else 0
     if not -(num_hiddens + 1) <= self.ft_proj_selector <= num_hiddens:

@@ -140,6 +140,22 @@ class Model(keras.models.Model):
     if config.has_supervised_head:
       self.supervised_head = SupervisedHead(
           num_classes, zero_init=config.zero_init_logits_layer)
+    # Every variable the encoder and projection head create, in creation
+    # order: the TF1 checkpoints number their layers in that order
+    # (tf1_names.py). Set past Keras' attribute tracking, which would make
+    # the list a checkpoint dependency and add keys.
+    object.__setattr__(self, '_created', [])
+
+  def _note_creation(self, next_creator, **kwargs):
+    variable = next_creator(**kwargs)
+    self._created.append(variable)
+    return variable
+
+  def variables_in_creation_order(self):
+    """The encoder's and projection head's variables, first created first."""
+    if not self._created:
+      raise ValueError('the model has no variables yet: call it once first.')
+    return list(self._created)
 
   # `__call__` rather than `call`, as in the original: Keras' Model.__call__
   # would open a `model/` name scope and rename every variable, and the
@@ -159,10 +175,11 @@ class Model(keras.models.Model):
     return self._heads(proj_out, sup_in, training)
 
   def _encode(self, features, training, return_endpoints=False):
-    encoded = self.resnet_model(features, training=training,
-                                return_endpoints=return_endpoints)
-    hiddens, endpoints = encoded if return_endpoints else (encoded, None)
-    proj_out, sup_in = self._projection_head(hiddens, training=training)
+    with tf.variable_creator_scope(self._note_creation):
+      encoded = self.resnet_model(features, training=training,
+                                  return_endpoints=return_endpoints)
+      hiddens, endpoints = encoded if return_endpoints else (encoded, None)
+      proj_out, sup_in = self._projection_head(hiddens, training=training)
     return proj_out, sup_in, endpoints
 
   def _heads(self, proj_out, sup_in, training):

@@ -153,6 +153,9 @@ flags.DEFINE_string('variable_schema', _D.variable_schema,
                     'Regex over variable names: what --checkpoint restores, '
                     "e.g. '(?!global_step|(?:.*/|^)Momentum|head)'.")
 # New here.
+flags.DEFINE_bool('use_ema_weights', _D.use_ema_weights,
+                  'With a released TF1 --checkpoint: restore its ema_model/ '
+                  '(exponential moving average) weights.')
 flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
                   'If the latest checkpoint in model_dir is unreadable, '
                   'resume from the newest readable earlier one instead of '
@@ -289,7 +292,8 @@ def restore_or_initialise(cfg, model, manager):
         f'no readable checkpoint in {cfg.model_dir} (tried {len(saved)}); '
         'move the model_dir away to start afresh.')
   if cfg.checkpoint:
-    checkpoints.restore_model(model, cfg.checkpoint, cfg.variable_schema)
+    checkpoints.restore_model(model, cfg.checkpoint, cfg.variable_schema,
+                              use_ema=cfg.use_ema_weights)
     if cfg.zero_init_logits_layer and hasattr(model, 'supervised_head'):
       logging.info('Zero-initialising the supervised head')
       model.zero_supervised_head()
@@ -490,7 +494,7 @@ def run(cfg):
   num_eval = (source.num_examples(cfg.eval_split)
               if cfg.mode != 'train' else 0)
   if cfg.checkpoint:
-    checkpoints.resolve_checkpoint_path(cfg.checkpoint)  # fails early
+    checkpoints.check_checkpoint(cfg.checkpoint, cfg.use_ema_weights)
   strategy = build_strategy(cfg)
   replicas = strategy.num_replicas_in_sync
   logging.info('Running on %d replica(s) with %s', replicas,

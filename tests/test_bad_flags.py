@@ -67,6 +67,7 @@ CASES = [
     (['--train_split=nope'], "split 'nope'"),
     (['--mode=train_then_eval', '--eval_split=validation'], "split 'validation'"),
     (['--checkpoint=/nonexistent/ckpt-7', '--train_mode=finetune'], '/nonexistent/ckpt-7'),
+    (['--use_ema_weights'], 'use_ema_weights'),
     (['--model_dir=/proc/simclr_not_writable'], 'not writable'),
     (['--model_dir='], '--model_dir is required'),
     (['--use_tpu=True'], 'use_tpu'),
