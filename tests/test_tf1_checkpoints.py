@@ -304,11 +304,16 @@ def test_convert_then_finetune_two_steps(r18_tf1, tmp_path, shapes10_dir):
   outputs = loaded(tf.constant(ref['inputs']), trainable=False)
   for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
     helpers.assert_close(outputs[key], ref[key], 1e-4)
+  # The TF1 README's 1%-subset command: whole network from the head's
+  # first layer, classifier left out by the schema.
   model_dir = tmp_path / 'finetune'
   result = subprocess.run(
       [sys.executable, 'run.py', '--train_mode=finetune',
        f'--checkpoint={summary["saved_model"]}', '--zero_init_logits_layer',
-       '--fine_tune_after_block=4', '--dataset=shapes10',
+       '--fine_tune_after_block=-1', f'--variable_schema={SCHEMA_BASE_AND_HEAD}',
+       '--global_bn=True', '--optimizer=lars', '--learning_rate=0.005',
+       '--learning_rate_scaling=sqrt', '--weight_decay=0', '--warmup_epochs=0',
+       '--num_proj_layers=3', '--ft_proj_selector=1', '--dataset=shapes10',
        f'--data_dir={shapes10_dir}', '--image_size=32', '--resnet_depth=18',
        '--train_batch_size=8', '--train_steps=2', '--mode=train',
        '--use_tpu=False', '--use_blur=False', f'--model_dir={model_dir}'],
@@ -316,7 +321,37 @@ def test_convert_then_finetune_two_steps(r18_tf1, tmp_path, shapes10_dir):
       check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert tf.train.latest_checkpoint(str(model_dir)).endswith('ckpt-2')
-  assert 'restored 121 variables' in result.stderr
+  assert 'restored 119 variables' in result.stderr
+  assert '2 skipped by --variable_schema' in result.stderr
+
+
+def test_run_linear_eval_from_tf1_checkpoint(r18_tf1, tmp_path, shapes10_dir):
+  """The TF1 README's linear-evaluation command on a TF1 checkpoint: the
+  frozen encoder keeps the checkpoint's weights, the head is trained."""
+  import run  # pylint: disable=import-outside-toplevel
+  cfg = Config(
+      mode='train', train_mode='finetune', fine_tune_after_block=4,
+      zero_init_logits_layer=True, variable_schema=SCHEMA_BASE,
+      global_bn=False, optimizer='momentum', learning_rate=0.1,
+      weight_decay=0.0, warmup_epochs=0, train_steps=1, train_batch_size=8,
+      dataset='shapes10', data_dir=str(shapes10_dir), image_size=32,
+      resnet_depth=18, checkpoint=r18_tf1, model_dir=str(tmp_path / 'm'),
+      use_tpu=False, use_blur=False, train_summary_steps=0).validate()
+  run.run(cfg)
+  reader = tf.train.load_checkpoint(str(tmp_path / 'm'))
+  tf2_key = {n: k for n, (k, _) in symbolic_names(cfg, 10).items()}
+
+  def saved(name):
+    return reader.get_tensor(tf2_key[name] + helpers.SUFFIX)
+
+  for name in ('base_model/conv2d/kernel', 'base_model/conv2d_20/kernel',
+               'base_model/batch_normalization_20/gamma'):
+    np.testing.assert_array_equal(saved(name),
+                                  det_value(name, 'float32', saved(name).shape))
+  name = 'head_contrastive/nl_0/dense/kernel'  # left out by the schema
+  assert not np.allclose(saved(name),
+                         det_value(name, 'float32', saved(name).shape))
+  assert np.abs(saved('head_supervised/linear_layer/dense/bias')).max() > 0
 
 
 def test_v1_weight_scale_rescaled_by_converter(tmp_path):
