@@ -15,6 +15,9 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 TRAIN_MODES = ('pretrain', 'finetune')
 MODES = ('train', 'eval', 'train_then_eval')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
+# Keras mixed-precision policies: layers compute in bfloat16, variables, the
+# loss and batch-norm statistics stay float32.
+PRECISIONS = ('float32', 'mixed_bfloat16')
 LR_SCALINGS = ('linear', 'sqrt')
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 
@@ -67,6 +70,8 @@ class Config:
   # Restoring a released TF1 checkpoint: its `ema_model/` (moving-average)
   # copy of the weights instead of the raw ones.
   use_ema_weights: bool = False
+  # Speed: the Keras precision policy of the model's layers.
+  precision: str = 'float32'
   train_summary_steps: int = 100
   # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
   # the newest readable earlier one (and say so) instead of stopping.
@@ -118,6 +123,7 @@ class Config:
     _one_of('proj_head_mode', self.proj_head_mode, PROJ_HEAD_MODES)
     _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
     _one_of('on_corrupt', self.on_corrupt, ('fail', 'skip'))
+    _one_of('precision', self.precision, PRECISIONS)
     _at_least('train_summary_steps', self.train_summary_steps, 0)
     _at_least('checkpoint_steps', self.checkpoint_steps, 0)
     _at_least('checkpoint_epochs', self.checkpoint_epochs, 0)

@@ -6,6 +6,7 @@ Attribute names (`resnet_model`, `_projection_head`, `supervised_head`,
 (`nl_<j>`, `head_supervised`) are checkpoint keys and variable names of the
 original code; LARS and weight decay select variables by those names.
 """
+import contextlib
 import math
 
 import tensorflow as tf
@@ -172,7 +173,10 @@ class Model(keras.models.Model):
       views = data_util.batch_random_blur(views, cfg.image_size,
                                           cfg.image_size)
     proj_out, sup_in, _ = self._encode(tf.concat(views, 0), training)
-    return self._heads(proj_out, sup_in, training)
+    # float32 under any precision policy: the loss (a softmax over all
+    # negatives) and the metrics are computed in float32.
+    return tuple(None if t is None else tf.cast(t, tf.float32)
+                 for t in self._heads(proj_out, sup_in, training))
 
   def _encode(self, features, training, return_endpoints=False):
     with tf.variable_creator_scope(self._note_creation):
@@ -205,12 +209,28 @@ class Model(keras.models.Model):
     outputs['proj_head_output'] = proj_out
     if hasattr(self, 'supervised_head'):
       outputs['logits_sup'] = self.supervised_head(sup_in, training=training)
-    return outputs
+    # float32 whatever the precision policy, as the released models give.
+    return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
 
   def zero_supervised_head(self):
     """Zeroes the classifier (after a restore), for `zero_init_logits_layer`."""
     for variable in self.supervised_head.trainable_weights:
       variable.assign(tf.zeros_like(variable))
+
+
+@contextlib.contextmanager
+def precision_policy(name):
+  """Layers constructed and built inside use the Keras policy `name`.
+
+  Build the model (its first call creates layers lazily) inside, e.g.
+  `with precision_policy(cfg.precision): model = Model(...); model(x, False)`.
+  """
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(name)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
 
 
 def get_train_steps(num_examples, config):

@@ -156,6 +156,10 @@ flags.DEFINE_string('variable_schema', _D.variable_schema,
 flags.DEFINE_bool('use_ema_weights', _D.use_ema_weights,
                   'With a released TF1 --checkpoint: restore its ema_model/ '
                   '(exponential moving average) weights.')
+flags.DEFINE_enum('precision', _D.precision, list(config_lib.PRECISIONS),
+                  'Keras precision policy of the layers: float32 (as the '
+                  'original), or mixed_bfloat16 (bfloat16 compute; variables, '
+                  'loss and batch-norm statistics in float32).')
 flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
                   'If the latest checkpoint in model_dir is unreadable, '
                   'resume from the newest readable earlier one instead of '
@@ -233,7 +237,7 @@ def is_chief(strategy):
 
 def build_model(cfg, num_classes, strategy):
   """Creates the model and all its variables under `strategy`."""
-  with strategy.scope():
+  with strategy.scope(), model_lib.precision_policy(cfg.precision):
     model = model_lib.Model(num_classes, cfg)
     model(tf.zeros([1, cfg.image_size, cfg.image_size, 3]), training=False)
   return model
