@@ -1,0 +1,131 @@
+r"""Training-step throughput on synthetic device-resident data, and the ceiling.
+
+  python bench/train_step.py                      # the issue's three settings
+  python bench/train_step.py --configs=r18_32_b128 --precisions=mixed_bfloat16
+
+Prints one JSON line per (config, precision): images/s (and views/s) of a
+pretraining step with LARS (model alone: the batch is a constant on the
+device), the step's FLOPs and achieved FLOP/s, and one JSON line with the
+machine's ceiling: the FLOP/s of a large matmul in float32 and bfloat16
+measured in the same run.
+
+FLOPs are TensorFlow's own count for the traced step (forward, backward and
+optimizer ops that register a FLOP statistic: convolutions and their two
+backward ops, matmuls, element-wise ops), from `tf.compat.v1.profiler` on the
+step's graph; a multiply-add counts as 2.
+"""
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+import model as model_lib  # pylint: disable=g-import-not-at-top
+import training  # pylint: disable=g-import-not-at-top
+from config import Config  # pylint: disable=g-import-not-at-top
+
+CONFIGS = {
+    'r18_32_b128': dict(resnet_depth=18, image_size=32, train_batch_size=128),
+    'r18_32_b256': dict(resnet_depth=18, image_size=32, train_batch_size=256),
+    'r50_224_b32': dict(resnet_depth=50, image_size=224, train_batch_size=32),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', sorted(CONFIGS), 'Which of: ' +
+                  ', '.join(sorted(CONFIGS)))
+flags.DEFINE_list('precisions', ['float32', 'mixed_bfloat16'],
+                  'Precision policies to measure.')
+flags.DEFINE_float('seconds', 20., 'Timed seconds per setting (after warm-up).')
+flags.DEFINE_integer('matmul_size', 4096, 'Side of the ceiling matmul.')
+
+
+def machine():
+  gpus = tf.config.list_physical_devices('GPU')
+  return {'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+          'processor': platform.processor(), 'gpus': len(gpus),
+          'tensorflow': tf.__version__}
+
+
+def timed(fn, seconds):
+  """Calls per second of `fn` (which returns a tensor) over `seconds`."""
+  fn().numpy()  # warm-up (tracing, first allocations)
+  fn().numpy()
+  calls, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds or calls < 3:
+    result = fn()
+    calls += 1
+    if calls % 5 == 0:
+      result.numpy()  # keep the host from running far ahead
+  result.numpy()
+  return calls / (time.perf_counter() - start)
+
+
+def matmul_ceiling(dtype, size, seconds):
+  a = tf.random.uniform([size, size], dtype=tf.float32)
+  a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
+  matmul = tf.function(lambda: tf.reduce_sum(tf.cast(
+      tf.linalg.matmul(a, b), tf.float32)[:1, :1]))
+  return 2 * size**3 * timed(matmul, seconds)
+
+
+def graph_flops(concrete_fn):
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options['output'] = 'none'
+  profile = tf.compat.v1.profiler.profile(concrete_fn.graph, options=options)
+  return profile.total_float_ops
+
+
+def bench_step(name, precision, seconds):
+  cfg = Config(learning_rate=1.0, temperature=0.5, weight_decay=1e-6,
+               warmup_epochs=0, use_blur=False, precision=precision,
+               **CONFIGS[name]).validate()
+  batch, size = cfg.train_batch_size, cfg.image_size
+  with model_lib.precision_policy(precision):
+    model = model_lib.Model(1000 if size > 32 else 10, cfg)
+    model(tf.zeros([1, size, size, 3]), training=False)
+  optimizer = model_lib.build_optimizer(
+      model_lib.WarmUpAndCosineDecay(cfg.learning_rate, 50000, cfg), cfg)
+  views = tf.random.uniform([batch, size, size, 6])
+  labels = tf.one_hot(tf.range(batch) % 10, 1000 if size > 32 else 10)
+  step = tf.function(training.make_train_step(model, optimizer, cfg))
+  flops = graph_flops(step.get_concrete_function(views, labels))
+  rate = timed(lambda: step(views, labels)['total_loss'], seconds)
+  return {'bench': 'train_step', 'config': name, 'precision': precision,
+          'batch': batch, 'image_size': size, 'optimizer': cfg.optimizer,
+          'images_per_s': round(rate * batch, 2),
+          'views_per_s': round(2 * rate * batch, 2),
+          'step_gflop': round(flops / 1e9, 2),
+          'achieved_gflop_per_s': round(rate * flops / 1e9, 1)}
+
+
+def main(argv):
+  del argv
+  for name in FLAGS.configs:
+    if name not in CONFIGS:
+      raise app.UsageError(f'--configs: unknown {name!r}; expected one of '
+                           f'{", ".join(sorted(CONFIGS))}')
+  ceiling = {'bench': 'matmul_ceiling', 'size': FLAGS.matmul_size,
+             'machine': machine()}
+  for dtype in (tf.float32, tf.bfloat16):
+    ceiling[f'{dtype.name}_gflop_per_s'] = round(matmul_ceiling(
+        dtype, FLAGS.matmul_size, FLAGS.seconds / 2) / 1e9, 1)
+  print(json.dumps(ceiling), flush=True)
+  for name in FLAGS.configs:
+    for precision in FLAGS.precisions:
+      result = bench_step(name, precision, FLAGS.seconds)
+      for dtype in ('float32', 'bfloat16'):
+        result[f'fraction_of_{dtype}_ceiling'] = round(
+            result['achieved_gflop_per_s'] / ceiling[f'{dtype}_gflop_per_s'],
+            3)
+      print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
