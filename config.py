@@ -70,8 +70,10 @@ class Config:
   # Restoring a released TF1 checkpoint: its `ema_model/` (moving-average)
   # copy of the weights instead of the raw ones.
   use_ema_weights: bool = False
-  # Speed: the Keras precision policy of the model's layers.
+  # Speed: the Keras precision policy of the model's layers, and XLA
+  # compilation of the forward and backward pass.
   precision: str = 'float32'
+  jit_compile: bool = False
   train_summary_steps: int = 100
   # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
   # the newest readable earlier one (and say so) instead of stopping.

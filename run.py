@@ -160,6 +160,9 @@ flags.DEFINE_enum('precision', _D.precision, list(config_lib.PRECISIONS),
                   'Keras precision policy of the layers: float32 (as the '
                   'original), or mixed_bfloat16 (bfloat16 compute; variables, '
                   'loss and batch-norm statistics in float32).')
+flags.DEFINE_bool('jit_compile', _D.jit_compile,
+                  'Compile the forward and backward pass with XLA (one '
+                  'replica per process; off by default: slower on CPU).')
 flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
                   'If the latest checkpoint in model_dir is unreadable, '
                   'resume from the newest readable earlier one instead of '
@@ -503,6 +506,11 @@ def run(cfg):
   replicas = strategy.num_replicas_in_sync
   logging.info('Running on %d replica(s) with %s', replicas,
                type(strategy).__name__)
+  if cfg.jit_compile and replicas > 1 and not isinstance(
+      strategy, tf.distribute.TPUStrategy):
+    raise config_lib.ConfigError(
+        f'--jit_compile with {replicas} replicas: XLA compilation of the '
+        'step needs one replica per process (TPUs compile with XLA anyway).')
   for name in ('train_batch_size', 'eval_batch_size'):
     if getattr(cfg, name) % replicas:
       raise config_lib.ConfigError(

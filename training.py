@@ -61,13 +61,25 @@ def make_train_step(model, optimizer, config, strategy=None):
   """
   num_replicas = strategy.num_replicas_in_sync if strategy else 1
 
-  def step(features, labels):
+  def forward_backward(features, labels):
     with tf.GradientTape() as tape:
       terms = compute_losses(model, features, labels, config, strategy)
       loss = terms['total_loss'] / num_replicas
-    variables = model.trainable_variables
-    grads = tape.gradient(loss, variables)
-    optimizer.apply_gradients(zip(grads, variables))
+    return terms, tape.gradient(loss, model.trainable_variables)
+
+  on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+  if config.jit_compile and not on_tpu:
+    # XLA fuses the forward and backward pass (TPUs compile everything
+    # anyway). A nested tf.function cannot hold the cross-replica
+    # synchronisation of sync batch norm and the NT-Xent negatives.
+    if num_replicas > 1:
+      raise ValueError(f'jit_compile=True with {num_replicas} replicas: XLA '
+                       'compilation of the step needs one replica per process.')
+    forward_backward = tf.function(forward_backward, jit_compile=True)
+
+  def step(features, labels):
+    terms, grads = forward_backward(features, labels)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return terms
 
   return step
