@@ -606,6 +606,11 @@ def run(cfg):
               if cfg.mode != 'train' else 0)
   if cfg.checkpoint:
     checkpoints.resolve_checkpoint_path(cfg.checkpoint)  # fails early
+  if cfg.mode == 'eval' and tf_config_names_workers():
+    # Each worker would follow model_dir's checkpoints on its own timing.
+    raise config_lib.ConfigError(
+        '--mode=eval with several workers is not supported: run it in one '
+        'process, without TF_CONFIG (or use --mode=train_then_eval).')
   strategy = build_strategy(cfg)
   replicas = strategy.num_replicas_in_sync
   logging.info('Running on %d replica(s) with %s', replicas,
@@ -621,7 +626,9 @@ def run(cfg):
     if cfg.dataset.startswith(data_lib.FOLDER_PREFIX):
       source.write_class_names(cfg.model_dir)
   if cfg.seed is not None:
-    tf.random.set_seed(cfg.seed)
+    # Python's, NumPy's and TensorFlow's global seeds: Keras initialisers
+    # draw theirs from Python's.
+    keras.utils.set_random_seed(cfg.seed)
   model = build_model(cfg, source.num_classes, strategy)
   with output_dir(cfg, strategy) as out_dir:
     return _run_mode(cfg, source, strategy, model, num_train, num_eval,
