@@ -80,6 +80,9 @@ class Config:
   resume_fallback: bool = False
   # Image folders: 'fail' on an unreadable image, or 'skip' it (and say so).
   on_corrupt: str = 'fail'
+  # Reproducible runs: the input pipelines' shuffling and augmentations and
+  # the initialisation follow this seed (None: unseeded, as the original).
+  seed: Optional[int] = None
   # Where to run (the original's defaults: a TPU).
   use_tpu: bool = True
   tpu_name: Optional[str] = None
@@ -126,6 +129,8 @@ class Config:
     _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
     _one_of('on_corrupt', self.on_corrupt, ('fail', 'skip'))
     _one_of('precision', self.precision, PRECISIONS)
+    if self.seed is not None:
+      _at_least('seed', self.seed, 0)
     _at_least('train_summary_steps', self.train_summary_steps, 0)
     _at_least('checkpoint_steps', self.checkpoint_steps, 0)
     _at_least('checkpoint_epochs', self.checkpoint_epochs, 0)

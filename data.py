@@ -15,6 +15,7 @@ same number of full batches and every real example is counted exactly once
 (`eval_steps` gives that number).
 """
 import functools
+import hashlib
 import math
 import os
 
@@ -53,10 +54,26 @@ class TfdsSource:
           f'split {split!r} not in dataset {self.name}: it has '
           f'{", ".join(self.splits)}.')
 
-  def as_dataset(self, split, shuffle_files=False, input_context=None):
+  def as_dataset(self, split, shuffle_files=False, input_context=None,
+                 seed=None):
+    """Raw examples of `split`, this input pipeline's share of them.
+
+    With several input pipelines (one per worker) each reads whole files of
+    its own when the split has at least as many files as there are pipelines
+    (TFDS's sharding, the original's); otherwise (small datasets are often
+    one file) each reads its own contiguous, even slice of the examples.
+    `seed` fixes the order of shuffled files.
+    """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     self._check_split(split)
-    read_config = tfds.ReadConfig(input_context=input_context)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if pipelines > 1 and (self.builder.info.splits[split].num_shards <
+                          pipelines):
+      split = tfds.even_splits(split, pipelines)[
+          input_context.input_pipeline_id]
+      input_context = None
+    read_config = tfds.ReadConfig(input_context=input_context,
+                                  shuffle_seed=seed)
     return self.builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                    read_config=read_config)
 
@@ -102,7 +119,10 @@ def get_source(dataset, data_dir=None, on_corrupt='fail'):
 
 
 def _preprocess_fn(config, is_training, fixed_size):
-  """image uint8 [H, W, 3] -> float32 [S, S, 3 * views] for this run."""
+  """`fn(image, seed=None)`: uint8 [H, W, 3] -> float32 [S, S, 3 * views].
+
+  `seed` (a stateless shape-[2] seed, training only) fixes the augmentations.
+  """
   pretrain = config.train_mode == 'pretrain'
   size = config.image_size
   # The original center-crops for evaluation only above 32 pixels (CIFAR
@@ -115,7 +135,12 @@ def _preprocess_fn(config, is_training, fixed_size):
                              if is_training and pretrain else 0.),
       test_crop=test_crop)
   if is_training and pretrain:
-    return lambda image: tf.concat([one_view(image), one_view(image)], -1)
+    def two_views(image, seed=None):
+      seeds = [None, None] if seed is None else tf.unstack(
+          tf.random.experimental.stateless_split(seed, 2))
+      return tf.concat([one_view(image, seed=seeds[0]),
+                        one_view(image, seed=seeds[1])], -1)
+    return two_views
   return one_view
 
 
@@ -126,6 +151,14 @@ def eval_steps(num_examples, global_batch_size, num_replicas=1,
   replicas_per_pipeline = num_replicas // num_input_pipelines
   shard = math.ceil(num_examples / num_input_pipelines)
   return max(1, math.ceil(shard / (per_replica * replicas_per_pipeline)))
+
+
+def resumed_seed(seed, start_step):
+  """The input seed of a run seeded `seed` that (re)starts at `start_step`."""
+  if seed is None or not start_step:
+    return seed
+  digest = hashlib.sha256(f'{seed}/{start_step}'.encode()).digest()
+  return int.from_bytes(digest[:4], 'big') >> 1
 
 
 def build_input_fn(source, global_batch_size, is_training, config,
@@ -146,8 +179,8 @@ def build_input_fn(source, global_batch_size, is_training, config,
                               getattr(source, 'fixed_size', False))
   num_examples = source.num_examples(split)
 
-  def to_batch_element(example):
-    image = preprocess(example['image'])
+  def to_batch_element(example, seed=None):
+    image = preprocess(example['image'], seed=seed)
     labels = {'labels': tf.one_hot(example['label'], num_classes),
               'mask': tf.constant(1.)}
     return image, labels
@@ -163,15 +196,25 @@ def build_input_fn(source, global_batch_size, is_training, config,
                  'train' if is_training else 'eval', pipeline_id + 1,
                  pipelines, source.name, split, batch_size)
     if is_training:
+      seed = config.seed
       dataset = source.as_dataset(split, shuffle_files=True,
-                                  input_context=input_context)
+                                  input_context=input_context, seed=seed)
       if config.cache_dataset:
         dataset = dataset.cache()
       # The original's buffer: 50 batches for small images, 10 otherwise.
       multiplier = 50 if config.image_size <= 32 else 10
-      dataset = dataset.shuffle(batch_size * multiplier).repeat()
-      dataset = dataset.map(to_batch_element,
-                            num_parallel_calls=tf.data.AUTOTUNE)
+      dataset = dataset.shuffle(batch_size * multiplier, seed=seed).repeat()
+      if seed is None:
+        dataset = dataset.map(to_batch_element,
+                              num_parallel_calls=tf.data.AUTOTUNE)
+      else:
+        # Example i of this pipeline is augmented from its own stateless
+        # seed, so batches do not depend on the map's parallelism.
+        base = tf.constant([seed, pipeline_id], tf.int64)
+        dataset = dataset.enumerate().map(
+            lambda i, example: to_batch_element(
+                example, tf.random.experimental.stateless_fold_in(base, i)),
+            num_parallel_calls=tf.data.AUTOTUNE)
       dataset = dataset.batch(batch_size, drop_remainder=True)
       return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -199,6 +242,15 @@ def build_input_fn(source, global_batch_size, is_training, config,
     return dataset.prefetch(tf.data.AUTOTUNE)
 
   return input_fn
+
+
+def num_input_pipelines(strategy):
+  """Input pipelines `distribute_datasets_from_function` makes: one per worker
+  of a MultiWorkerMirroredStrategy cluster, else one."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1
+  jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+  return max(1, len(jobs.get('chief', [])) + len(jobs.get('worker', [])))
 
 
 def build_distributed_dataset(source, global_batch_size, is_training,

@@ -161,17 +161,19 @@ class ImageFolderBuilder:
     """
     return len(self._split_examples(split))
 
-  def as_dataset(self, split, shuffle_files=False, input_context=None):
+  def as_dataset(self, split, shuffle_files=False, input_context=None,
+                 seed=None):
     """Decoded images of one split.
 
     Args:
       split: a name in `splits`.
       shuffle_files: shuffle the file list of this input pipeline, anew on
-        every iteration (unseeded). False: sorted by class, then file name.
+        every iteration. False: sorted by class, then file name.
       input_context: optional tf.distribute.InputContext; each input pipeline
         gets the disjoint shard `shard(num_input_pipelines,
         input_pipeline_id)` of the file list, taken before shuffling and
         decoding so no pipeline reads another's files.
+      seed: optional seed of the shuffle (the same seed, the same orders).
 
     Returns:
       tf.data.Dataset of {'image': uint8 [H, W, 3] (sizes vary),
@@ -191,7 +193,8 @@ class ImageFolderBuilder:
                     input_context.input_pipeline_id)
     if shuffle_files:
       # The whole (sharded) list fits in the buffer: file names are small.
-      ds = ds.shuffle(max(1, len(ids)), reshuffle_each_iteration=True)
+      ds = ds.shuffle(max(1, len(ids)), seed=seed,
+                      reshuffle_each_iteration=True)
     prefix = self._root.rstrip('/') + '/'
 
     def load(example):
@@ -201,7 +204,7 @@ class ImageFolderBuilder:
 
     # Order only matters when the caller asked for a deterministic one.
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=not shuffle_files)
+                  deterministic=not shuffle_files or seed is not None)
 
   def write_class_names(self, directory):
     """Writes `<directory>/class_names.txt`, one name per line, index order.

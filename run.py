@@ -9,11 +9,15 @@ TF1 README's `--train_summary_steps` and `--variable_schema`). This is the
 only module that reads FLAGS: it builds a frozen `config.Config` and passes it
 down.
 """
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -170,6 +174,10 @@ flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')
+flags.DEFINE_integer('seed', _D.seed,
+                     'Seed of the input pipelines (shuffling, augmentations) '
+                     'and the initialisation, for reproducible runs; unset: '
+                     'unseeded, as the original.')
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,6 +212,31 @@ def config_from_flags():
   return config_lib.Config(**values).validate()
 
 
+def tf_config_names_workers():
+  """Whether TF_CONFIG describes a multi-worker cluster."""
+  try:
+    cluster = json.loads(os.environ.get('TF_CONFIG') or '{}').get('cluster')
+  except ValueError:
+    raise config_lib.ConfigError(
+        'TF_CONFIG is not valid JSON: expected e.g. {"cluster": {"worker": '
+        '["host1:port", "host2:port"]}, "task": {"type": "worker", '
+        '"index": 0}}.') from None
+  return bool((cluster or {}).get('worker'))
+
+
+def lost_worker_message(error, model_dir):
+  """One line for a collective that failed because a worker went away."""
+  text = str(error)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  cause = next((line for line in lines if 'aborted by' in line),
+               lines[0] if lines else type(error).__name__)
+  peer = re.search(r'remote target (/job:\S+?/task:\d+)', text)
+  who = peer.group(1) if peer else 'another worker'
+  return (f'lost contact with {who} ({type(error).__name__}: {cause[:200]});'
+          ' restart every worker with the same command: training resumes '
+          f'from the last checkpoint in --model_dir={model_dir}.')
+
+
 def build_strategy(cfg):
   """TPUStrategy, MirroredStrategy over GPUs, or the default strategy."""
   if cfg.use_tpu:
@@ -222,8 +255,7 @@ def build_strategy(cfg):
           f'found (tpu_name={cfg.tpu_name}, master={cfg.master}: {first}); '
           'pass --use_tpu=False to run on GPUs or the CPU.') from None
     return tf.distribute.TPUStrategy(cluster)
-  if 'TF_CONFIG' in os.environ and json.loads(
-      os.environ['TF_CONFIG']).get('cluster', {}).get('worker'):
+  if tf_config_names_workers():
     return tf.distribute.MultiWorkerMirroredStrategy()
   if tf.config.list_physical_devices('GPU'):
     return tf.distribute.MirroredStrategy()
@@ -235,7 +267,71 @@ def is_chief(strategy):
   if resolver is None or not getattr(resolver, 'task_type', None):
     return True
   return resolver.task_type in ('chief', None) or (
-      resolver.task_type == 'worker' and resolver.task_id == 0)
+      resolver.task_type == 'worker' and resolver.task_id == 0 and
+      'chief' not in resolver.cluster_spec().as_dict())
+
+
+def is_multi_worker(strategy):
+  return data_lib.num_input_pipelines(strategy) > 1
+
+
+@contextlib.contextmanager
+def output_dir(cfg, strategy):
+  """Where this process writes checkpoints and exports.
+
+  The chief writes to model_dir. The other workers of a multi-worker run
+  must save too (saving reads synchronised variables, which takes every
+  worker's part in a collective), so they write to a private temporary
+  directory, removed when they finish.
+  """
+  if is_chief(strategy):
+    yield cfg.model_dir
+    return
+  path = tempfile.mkdtemp(prefix='simclr_worker_')
+  logging.info('Not the chief: this worker saves to %s (removed at exit).',
+               path)
+  try:
+    yield path
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _sum_over_replicas(strategy, value):
+  """`value` of this process summed over every replica of every worker (a
+  collective: every worker must call it, in the same order)."""
+  per_replica = strategy.experimental_distribute_values_from_function(
+      lambda _: tf.constant(value, tf.float64))
+  return float(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None))
+
+
+def chief_decides(strategy, flag):
+  """The chief's `flag` on every worker (the others' flags are ignored)."""
+  if not is_multi_worker(strategy):
+    return flag
+  return _sum_over_replicas(strategy, float(bool(flag) and
+                                            is_chief(strategy))) > 0
+
+
+def any_worker(strategy, flag):
+  """True on every worker if `flag` is True on any of them."""
+  if not is_multi_worker(strategy):
+    return flag
+  return _sum_over_replicas(strategy, float(bool(flag))) > 0
+
+
+def check_same_step(strategy, step, model_dir):
+  """Stops every worker if they resumed from different checkpoints."""
+  if not is_multi_worker(strategy):
+    return
+  total = _sum_over_replicas(strategy, float(step))
+  replicas = strategy.num_replicas_in_sync
+  if total != step * replicas:
+    raise checkpoints.CheckpointError(
+        f'the workers resumed at different steps (this one at step {step}, '
+        f'the mean over replicas is {total / replicas:g}): --model_dir='
+        f'{model_dir} must be one directory that every worker reads (a '
+        'shared file system or gs://), not a local one per machine.')
 
 
 def build_model(cfg, num_classes, strategy):
@@ -309,8 +405,12 @@ def restore_or_initialise(cfg, model, manager):
                     'from scratch (random initialisation).')
 
 
-def train(cfg, source, strategy, model, num_train_examples):
-  """The training loop; returns (CheckpointManager, finished)."""
+def train(cfg, source, strategy, model, num_train_examples, out_dir):
+  """The training loop; returns (CheckpointManager, finished).
+
+  Checkpoints go to `out_dir` (see `output_dir`); summaries are written by
+  the chief only. Metrics are means over every replica of every worker.
+  """
   train_steps = model_lib.get_train_steps(num_train_examples, cfg)
   epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
   checkpoint_steps = (cfg.checkpoint_steps or
@@ -320,11 +420,9 @@ def train(cfg, source, strategy, model, num_train_examples):
   logging.info('# train examples: %d; # train_steps: %d; checkpoint every '
                '%d steps', num_train_examples, train_steps, checkpoint_steps)
   chief = is_chief(strategy)
-  summary_writer = tf.summary.create_file_writer(
-      cfg.model_dir if chief else os.path.join(cfg.model_dir, 'worker_tmp'))
+  summary_writer = (tf.summary.create_file_writer(cfg.model_dir) if chief
+                    else tf.summary.create_noop_writer())
   with strategy.scope():
-    dataset = data_lib.build_distributed_dataset(
-        source, cfg.train_batch_size, True, strategy, cfg)
     schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate,
                                               num_train_examples, cfg)
     optimizer = model_lib.build_optimizer(schedule, cfg)
@@ -336,10 +434,10 @@ def train(cfg, source, strategy, model, num_train_examples):
     train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
     checkpoint = tf.train.Checkpoint(
         model=model, global_step=optimizer.iterations, optimizer=optimizer)
+    # A non-chief worker's copies are only kept until it exits.
     manager = tf.train.CheckpointManager(
-        checkpoint, directory=cfg.model_dir if chief else
-        os.path.join(cfg.model_dir, 'worker_tmp'),
-        max_to_keep=cfg.keep_checkpoint_max)
+        checkpoint, directory=out_dir,
+        max_to_keep=cfg.keep_checkpoint_max if chief else 1)
     restore_or_initialise(cfg, model, manager)
 
   step_fn = training.make_train_step(model, optimizer, cfg, strategy)
@@ -363,14 +461,21 @@ def train(cfg, source, strategy, model, num_train_examples):
 
   global_step = optimizer.iterations
   step = int(global_step.numpy())
+  check_same_step(strategy, step, cfg.model_dir)
   if step >= train_steps:
     logging.info('Training already complete at step %d (of %d).', step,
                  train_steps)
     return manager, True
+  # A resumed seeded run draws new batches (from the seed and the step)
+  # rather than replaying those of the first steps.
+  dataset = data_lib.build_distributed_dataset(
+      source, cfg.train_batch_size, True, strategy,
+      cfg.replace(seed=data_lib.resumed_seed(cfg.seed, step)))
   progress = Progress(train_steps, cfg.train_batch_size, step)
   iterator = iter(dataset)
+  stopping = False
   with _StopRequest() as stop:
-    while step < train_steps and stop.signal is None:
+    while step < train_steps and not stopping:
       steps = min(steps_per_loop, train_steps - step,
                   checkpoint_steps - step % checkpoint_steps)
       with summary_writer.as_default():
@@ -392,26 +497,36 @@ def train(cfg, source, strategy, model, num_train_examples):
             f'non-finite loss by step {step} ({shown}); last good checkpoint: '
             f'{manager.latest_checkpoint or "none"}, nothing saved after it; '
             'lower --learning_rate or check the data.')
-      if (step % checkpoint_steps == 0 or step >= train_steps or
-          stop.signal is not None):
+      # A signal to one worker stops them all, at the same step.
+      stopping = any_worker(strategy, stop.signal is not None)
+      if (step % checkpoint_steps == 0 or step >= train_steps or stopping):
         manager.save(checkpoint_number=step)
   summary_writer.flush()
-  if stop.signal is not None and step < train_steps:
-    logging.info('Stopped by signal %d at step %d after saving; rerun the '
-                 'same command to resume.', stop.signal, step)
+  if stopping and step < train_steps:
+    logging.info('Stopped by %s at step %d after saving; rerun the same '
+                 'command to resume.',
+                 f'signal {stop.signal}' if stop.signal else 'another worker',
+                 step)
     return manager, False
   logging.info('Training complete at step %d.', step)
   return manager, True
 
 
-def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
-  """Eval top-1/top-5 over the eval split; writes results and a SavedModel."""
+def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
+             out_dir):
+  """Eval top-1/top-5 over the eval split; writes results and a SavedModel.
+
+  Every worker evaluates its share; the metrics are means over all of them
+  and the chief alone writes results and summaries. The SavedModel goes to
+  `out_dir` (see `output_dir`).
+  """
   if cfg.train_mode == 'pretrain' and not cfg.lineareval_while_pretraining:
     logging.info('Skipping eval during pretraining without linear eval.')
     return None
   replicas = strategy.num_replicas_in_sync
   steps = cfg.eval_steps or data_lib.eval_steps(
-      num_eval_examples, cfg.eval_batch_size, replicas)
+      num_eval_examples, cfg.eval_batch_size, replicas,
+      data_lib.num_input_pipelines(strategy))
   with strategy.scope():
     dataset = data_lib.build_distributed_dataset(
         source, cfg.eval_batch_size, False, strategy, cfg)
@@ -458,8 +573,8 @@ def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
     _write_json(os.path.join(cfg.model_dir, 'flags.json'),
                 {k: v for k, v in FLAGS.flag_values_dict().items()
                  if _json_serializable(v)})
-    export.export_and_rotate(model, cfg.model_dir, global_step,
-                             cfg.keep_hub_module_max)
+  export.export_and_rotate(model, out_dir, global_step,
+                           cfg.keep_hub_module_max)
   return result
 
 
@@ -502,6 +617,11 @@ def run(cfg):
               if cfg.mode != 'train' else 0)
   if cfg.checkpoint:
     checkpoints.check_checkpoint(cfg.checkpoint, cfg.use_ema_weights)
+  if cfg.mode == 'eval' and tf_config_names_workers():
+    # Each worker would follow model_dir's checkpoints on its own timing.
+    raise config_lib.ConfigError(
+        '--mode=eval with several workers is not supported: run it in one '
+        'process, without TF_CONFIG (or use --mode=train_then_eval).')
   strategy = build_strategy(cfg)
   replicas = strategy.num_replicas_in_sync
   logging.info('Running on %d replica(s) with %s', replicas,
@@ -516,32 +636,47 @@ def run(cfg):
       raise config_lib.ConfigError(
           f'--{name}={getattr(cfg, name)} is not divisible by the {replicas} '
           'replicas: use a multiple of it.')
-  _check_writable(cfg.model_dir)
-  if cfg.dataset.startswith(data_lib.FOLDER_PREFIX):
-    source.write_class_names(cfg.model_dir)
+  if is_chief(strategy):
+    # Only the chief writes to model_dir.
+    _check_writable(cfg.model_dir)
+    if cfg.dataset.startswith(data_lib.FOLDER_PREFIX):
+      source.write_class_names(cfg.model_dir)
+  if cfg.seed is not None:
+    # Python's, NumPy's and TensorFlow's global seeds: Keras initialisers
+    # draw theirs from Python's.
+    keras.utils.set_random_seed(cfg.seed)
   model = build_model(cfg, source.num_classes, strategy)
-  train_steps = model_lib.get_train_steps(num_train, cfg)
+  with output_dir(cfg, strategy) as out_dir:
+    return _run_mode(cfg, source, strategy, model, num_train, num_eval,
+                     out_dir)
 
+
+def _run_mode(cfg, source, strategy, model, num_train, num_eval, out_dir):
+  train_steps = model_lib.get_train_steps(num_train, cfg)
   if cfg.mode == 'eval':
     result = None
     for ckpt in tf.train.checkpoints_iterator(cfg.model_dir,
                                               min_interval_secs=15):
-      result = evaluate(cfg, source, strategy, model, ckpt, num_eval)
+      result = evaluate(cfg, source, strategy, model, ckpt, num_eval, out_dir)
       if result is None or result['global_step'] >= train_steps:
         logging.info('Eval complete.')
         return result
     return result
-  manager, finished = train(cfg, source, strategy, model, num_train)
-  if cfg.mode == 'train_then_eval' and finished:
+  manager, finished = train(cfg, source, strategy, model, num_train, out_dir)
+  if not finished:
+    return None
+  # A non-chief worker that found training complete saved nothing itself;
+  # model_dir is then not being written.
+  latest = manager.latest_checkpoint or tf.train.latest_checkpoint(
+      cfg.model_dir)
+  if cfg.mode == 'train_then_eval':
     # Evaluation exports the SavedModel of the evaluated checkpoint.
-    return evaluate(cfg, source, strategy, model, manager.latest_checkpoint,
-                    num_eval)
-  if finished and is_chief(strategy):
-    step = int(manager.latest_checkpoint.rsplit('-', 1)[1])
-    exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
-    if not tf.io.gfile.exists(exported):
-      export.export_and_rotate(model, cfg.model_dir, step,
-                               cfg.keep_hub_module_max)
+    return evaluate(cfg, source, strategy, model, latest, num_eval, out_dir)
+  step = int(latest.rsplit('-', 1)[1])
+  exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
+  # Every worker exports (to out_dir), as the chief decides.
+  if chief_decides(strategy, not tf.io.gfile.exists(exported)):
+    export.export_and_rotate(model, out_dir, step, cfg.keep_hub_module_max)
   return None
 
 
@@ -561,6 +696,15 @@ def main(argv):
           f'{FLAGS.train_batch_size} and --eval_batch_size='
           f'{FLAGS.eval_batch_size} (per replica: divided by the replicas); '
           'try smaller batches or a smaller --resnet_depth/--width_multiplier.',
+          file=sys.stderr)
+    sys.exit(2)
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+          tf.errors.CancelledError, tf.errors.AbortedError) as e:
+    # In a multi-worker run these mean a worker died or became unreachable
+    # (TensorFlow aborts the collectives of every other worker).
+    if not tf_config_names_workers():
+      raise
+    print(f'error: {lost_worker_message(e, FLAGS.model_dir)}',
           file=sys.stderr)
     sys.exit(2)
 
