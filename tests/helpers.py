@@ -58,3 +58,18 @@ def assert_close(actual, expected, rel=1e-5):
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
   np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+
+
+def run_main_exit_code(argv):
+  """Parses `argv` as run.py's flags, runs its main, returns the exit code."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import run  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['run.py', *argv])
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      run.main(['run.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return exit_info.value.code

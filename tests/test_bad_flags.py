@@ -3,11 +3,11 @@ value and what was expected (run.py's main, in process, so each case is fast).""
 import subprocess
 import sys
 
-from absl import flags
 import pytest
 import tensorflow as tf
 
 import conftest
+import helpers
 import run
 
 TFDS = conftest.SHARED / 'tfds'
@@ -20,16 +20,7 @@ def base(tmp_path):
           '--train_batch_size=8', '--eval_batch_size=8']
 
 
-def main_exit_code(argv):
-  """Parses `argv` as run.py's flags, runs its main, returns the exit code."""
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(['run.py', *argv])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      run.main(['run.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  return exit_info.value.code
+main_exit_code = helpers.run_main_exit_code
 
 
 CASES = [

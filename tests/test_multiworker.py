@@ -35,6 +35,7 @@ import checkpoints
 import conftest
 import config as config_lib
 import data as data_lib
+import helpers
 import model as model_lib
 import run
 import training
@@ -119,14 +120,8 @@ TWO_WORKERS = json.dumps({'cluster': {'worker': ['127.0.0.1:1', '127.0.0.1:2']},
 
 def main_exit(argv, capsys):
   """Runs run.py's main in process: (exit code, last line of stderr)."""
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(['run.py', *argv])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      run.main(['run.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  return exit_info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+  code = helpers.run_main_exit_code(argv)
+  return code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize('tf_config,args,expected', [
