@@ -117,18 +117,19 @@ def test_finetuning(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
       SAVED_MODEL=str(tiny_teacher), DATASET='shapes10',
       DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
       IMAGE_SIZE=32, BATCH_SIZE=32, LINEAR_EXAMPLES=1000, LINEAR_STEPS=100,
-      LINEAR_LEARNING_RATE=0.05, FINETUNE_STEPS=20,
+      LINEAR_LEARNING_RATE=0.05, FINETUNE_STEPS=40,
       FINETUNE_LEARNING_RATE=0.002, EVAL_EXAMPLES=500,
       OUTPUT_DIR=str(tmp_path / 'out'))
   assert 'final_avg_pool: (1, 64)' in text  # ResNet-18 at 1/8 width
   linear = float(_value(r'linear head accuracy: ([0-9.]+)', text))
   finetuned = float(_value(r'fine-tuned accuracy: ([0-9.]+)', text))
-  # The features of a model trained on shapes10: far above chance (0.1);
-  # measured 0.80-0.83 and, after 20 steps at 0.002, 0.81 (at 0.01 the first
-  # steps on crops with batch statistics cost accuracy: 0.60-0.65).
+  # The features of a model trained on shapes10: far above chance (0.1).
+  # Measured: linear 0.80-0.84; fine-tuned 0.73-0.78 after 40 steps at 0.002
+  # (after 20 steps 0.59-0.81: batch norm's moving averages follow the last
+  # few batches of crops; at 0.01 the first steps cost more).
   assert 0.5 < linear <= 1, text
   assert 0.4 < finetuned <= 1, text
-  assert 'step 20/20: loss' in text
+  assert 'step 40/40: loss' in text
   _check_figure(tmp_path / 'out' / 'finetuning_loss.png')
 
 
@@ -179,16 +180,24 @@ def test_distillation(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
       jupyter_path,
       TEACHER=str(tiny_teacher), DATASET='shapes10',
       DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
-      IMAGE_SIZE=32, STUDENT_WIDTH=0.0625, TEMPERATURE=1.0, ALPHA=1.0,
+      IMAGE_SIZE=32, STUDENT_WIDTH=0.0625, TEMPERATURE=2.0, ALPHA=0.9,
       BATCH_SIZE=64, STEPS=200, LEARNING_RATE=0.005, EVAL_EXAMPLES=1000,
       OUTPUT_DIR=str(tmp_path / 'out'), EXPORT_SAVED_MODEL=True)
   assert 'teacher: 10 classes' in text
   agreement, commonest = (float(v) for v in _value(
       r'student agreement with teacher: ([0-9.]+) .* commonest class is '
       r'([0-9.]+)', text))
+  accuracy = float(_value(r'student accuracy: ([0-9.]+)', text))
   assert 0 <= agreement <= 1 and 0 < commonest <= 1
-  print({'agreement': agreement, 'commonest': commonest})
+  print({'agreement': agreement, 'commonest': commonest,
+         'accuracy': accuracy})
+  # A student half the teacher's width, tau=2 and 10% labelled loss:
+  # measured agreement 0.68-0.80 on the 1000 test images where the teacher's
+  # commonest class covers 0.28-0.37 of its predictions (what a constant
+  # student would agree), accuracy 0.39-0.58 (chance 0.1). With tau=1 and no
+  # labels: agreement 0.64-0.80 against 0.23-0.41.
   assert agreement > commonest + 0.1, text
+  assert accuracy > 0.25, text
   assert (tmp_path / 'out' / 'ckpt-200.index').exists()
   assert (tmp_path / 'out' / 'saved_model' / 'saved_model.pb').exists()
   _check_figure(tmp_path / 'out' / 'distillation_curves.png')
