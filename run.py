@@ -135,8 +135,10 @@ flags.DEFINE_integer('ft_proj_selector', _D.ft_proj_selector,
 flags.DEFINE_boolean('global_bn', _D.global_bn,
                      'Whether to aggregate BN statistics across distributed '
                      'cores.')
-flags.DEFINE_integer('width_multiplier', _D.width_multiplier,
-                     'Multiplier to change width of network.')
+# An integer in the original; a float here so narrow models (0.5, 0.125:
+# 64 * width must be whole) can be built from the command line too.
+flags.DEFINE_float('width_multiplier', _D.width_multiplier,
+                   'Multiplier to change width of network.')
 flags.DEFINE_integer('resnet_depth', _D.resnet_depth, 'Depth of ResNet.')
 flags.DEFINE_float('sk_ratio', _D.sk_ratio,
                    'If it is bigger than 0, it will enable SK. Recommendation: '
