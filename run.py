@@ -26,6 +26,7 @@ import checkpoints
 import config as config_lib
 import data as data_lib
 import export
+import knn_monitor
 import metrics
 import model as model_lib
 import training
@@ -160,6 +161,20 @@ flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')
+flags.DEFINE_integer('knn_monitor_steps', _D.knn_monitor_steps,
+                     'Steps between kNN monitor evaluations while training '
+                     '(0: off): weighted k-NN top-1 accuracy of the encoder\'s '
+                     'final_avg_pool features on --eval_split against a bank '
+                     'of --train_split features, logged and written to '
+                     'TensorBoard as eval/knn_top_1_accuracy; when on, the '
+                     'final evaluation reports it too.')
+flags.DEFINE_integer('knn_bank_size', _D.knn_bank_size,
+                     'kNN monitor: how many train examples (the first ones '
+                     'of --train_split, eval preprocessing) form the feature '
+                     'bank; 0: all of them.')
+flags.DEFINE_integer('knn_k', _D.knn_k, 'kNN monitor: neighbours that vote.')
+flags.DEFINE_float('knn_temperature', _D.knn_temperature,
+                   'kNN monitor: temperature T of the votes exp(cos / T).')
 
 
 class TrainingDiverged(RuntimeError):
@@ -298,8 +313,23 @@ def restore_or_initialise(cfg, model, manager):
                     'from scratch (random initialisation).')
 
 
-def train(cfg, source, strategy, model, num_train_examples):
-  """The training loop; returns (CheckpointManager, finished)."""
+def run_knn_monitor(cfg, monitor, step):
+  """Logs and returns the kNN monitor's top-1 accuracy at `step`."""
+  knn = monitor.evaluate()
+  logging.info('kNN monitor at step %d: top-1 %.4f (k=%d, T=%g; %d eval '
+               'examples vs a bank of %d train examples; %.1f s)', step,
+               knn.top_1_accuracy, cfg.knn_k, cfg.knn_temperature,
+               knn.num_queries, knn.num_bank, knn.seconds)
+  return knn.top_1_accuracy
+
+
+def train(cfg, source, strategy, model, num_train_examples, monitor=None):
+  """The training loop; returns (CheckpointManager, finished).
+
+  With a `knn_monitor.KnnMonitor`, its accuracy is logged and summarised
+  every `cfg.knn_monitor_steps` steps and at the last step (unless the final
+  evaluation of --mode=train_then_eval is about to report it).
+  """
   train_steps = model_lib.get_train_steps(num_train_examples, cfg)
   epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
   checkpoint_steps = (cfg.checkpoint_steps or
@@ -362,6 +392,9 @@ def train(cfg, source, strategy, model, num_train_examples):
     while step < train_steps and stop.signal is None:
       steps = min(steps_per_loop, train_steps - step,
                   checkpoint_steps - step % checkpoint_steps)
+      if monitor is not None:
+        steps = min(steps, cfg.knn_monitor_steps -
+                    step % cfg.knn_monitor_steps)
       with summary_writer.as_default():
         train_loop(iterator, tf.constant(steps))
       step = int(global_step.numpy())
@@ -384,6 +417,13 @@ def train(cfg, source, strategy, model, num_train_examples):
       if (step % checkpoint_steps == 0 or step >= train_steps or
           stop.signal is not None):
         manager.save(checkpoint_number=step)
+      last = step >= train_steps
+      if (monitor is not None and stop.signal is None and
+          (step % cfg.knn_monitor_steps == 0 or last) and
+          not (last and cfg.mode == 'train_then_eval')):
+        accuracy = run_knn_monitor(cfg, monitor, step)
+        with summary_writer.as_default():
+          tf.summary.scalar('eval/knn_top_1_accuracy', accuracy, step=step)
   summary_writer.flush()
   if stop.signal is not None and step < train_steps:
     logging.info('Stopped by signal %d at step %d after saving; rerun the '
@@ -393,10 +433,18 @@ def train(cfg, source, strategy, model, num_train_examples):
   return manager, True
 
 
-def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
-  """Eval top-1/top-5 over the eval split; writes results and a SavedModel."""
-  if cfg.train_mode == 'pretrain' and not cfg.lineareval_while_pretraining:
-    logging.info('Skipping eval during pretraining without linear eval.')
+def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
+             monitor=None):
+  """Evaluates a checkpoint; writes results and a SavedModel.
+
+  Results: top-1/top-5 of the supervised head over the eval split (the
+  linear head trained while pretraining, or the fine-tuned classifier), and
+  with a `knn_monitor.KnnMonitor` the kNN top-1 accuracy of the encoder.
+  """
+  linear = cfg.has_supervised_head
+  if not linear and monitor is None:
+    logging.info('Skipping eval during pretraining without linear eval or '
+                 'kNN monitor.')
     return None
   replicas = strategy.num_replicas_in_sync
   steps = cfg.eval_steps or data_lib.eval_steps(
@@ -429,10 +477,15 @@ def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples):
     images, labels = next(iterator)
     strategy.run(replica_step, (images, labels))
 
-  iterator = iter(dataset)
-  for _ in range(steps):
-    eval_step(iterator)
-  result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  result = {}
+  if linear:
+    iterator = iter(dataset)
+    for _ in range(steps):
+      eval_step(iterator)
+    result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  if monitor is not None:
+    result['eval/knn_top_1_accuracy'] = run_knn_monitor(cfg, monitor,
+                                                        global_step)
   result['global_step'] = global_step
   logging.info('Eval results: %s', result)
   if is_chief(strategy):
@@ -487,8 +540,8 @@ def run(cfg):
                                  'and results go.')
   source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
   num_train = source.num_examples(cfg.train_split)
-  num_eval = (source.num_examples(cfg.eval_split)
-              if cfg.mode != 'train' else 0)
+  num_eval = (source.num_examples(cfg.eval_split)  # fails early if absent
+              if cfg.mode != 'train' or cfg.knn_monitor_steps else 0)
   if cfg.checkpoint:
     checkpoints.resolve_checkpoint_path(cfg.checkpoint)  # fails early
   strategy = build_strategy(cfg)
@@ -505,21 +558,27 @@ def run(cfg):
     source.write_class_names(cfg.model_dir)
   model = build_model(cfg, source.num_classes, strategy)
   train_steps = model_lib.get_train_steps(num_train, cfg)
+  monitor = None
+  if cfg.knn_monitor_steps:
+    monitor = knn_monitor.KnnMonitor(
+        source, strategy, cfg,
+        lambda images: model.resnet_model(images, training=False))
 
   if cfg.mode == 'eval':
     result = None
     for ckpt in tf.train.checkpoints_iterator(cfg.model_dir,
                                               min_interval_secs=15):
-      result = evaluate(cfg, source, strategy, model, ckpt, num_eval)
+      result = evaluate(cfg, source, strategy, model, ckpt, num_eval,
+                        monitor)
       if result is None or result['global_step'] >= train_steps:
         logging.info('Eval complete.')
         return result
     return result
-  manager, finished = train(cfg, source, strategy, model, num_train)
+  manager, finished = train(cfg, source, strategy, model, num_train, monitor)
   if cfg.mode == 'train_then_eval' and finished:
     # Evaluation exports the SavedModel of the evaluated checkpoint.
     return evaluate(cfg, source, strategy, model, manager.latest_checkpoint,
-                    num_eval)
+                    num_eval, monitor)
   if finished and is_chief(strategy):
     step = int(manager.latest_checkpoint.rsplit('-', 1)[1])
     exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
