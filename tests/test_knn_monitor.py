@@ -173,32 +173,82 @@ def test_features_count_each_example_once_over_two_replicas(shapes10_dir,
   assert (whole.num_queries, whole.num_bank) == (96, 5000)
 
 
-def test_run_logs_and_reports_knn_accuracy(shapes10_dir, tmp_path):
-  args = ['--use_tpu=False', '--dataset=shapes10', f'--data_dir={shapes10_dir}',
-          '--eval_split=test', '--resnet_depth=18', '--image_size=32',
-          '--train_batch_size=8',
-          '--train_steps=4', '--checkpoint_steps=4', '--train_summary_steps=1',
-          '--eval_batch_size=50', '--eval_steps=2', '--knn_monitor_steps=2',
-          '--knn_bank_size=100', '--use_blur=False',
-          '--mode=train_then_eval', f'--model_dir={tmp_path}']
+def run_py(*args):
   proc = subprocess.run([sys.executable, str(conftest.ROOT / 'run.py'),
                          *args], cwd=conftest.ROOT, capture_output=True,
                         text=True, timeout=600,
                         env={'TF_CPP_MIN_LOG_LEVEL': '2',
                              'CUDA_VISIBLE_DEVICES': '', 'PATH': ''})
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def tiny_run(shapes10_dir, model_dir):
+  return ['--use_tpu=False', '--dataset=shapes10',
+          f'--data_dir={shapes10_dir}', '--eval_split=test',
+          '--resnet_depth=18', '--image_size=32', '--train_batch_size=8',
+          '--train_steps=4', '--checkpoint_steps=4', '--eval_batch_size=50',
+          '--eval_steps=2', '--use_blur=False', '--mode=train_then_eval',
+          f'--model_dir={model_dir}']
+
+
+@pytest.fixture(scope='module')
+def pretrained_with_monitor(shapes10_dir, tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp('pretrain_knn')
+  proc = run_py(*tiny_run(shapes10_dir, model_dir), '--train_mode=pretrain',
+                '--train_summary_steps=1', '--knn_monitor_steps=2',
+                '--knn_bank_size=100')
+  return model_dir, proc
+
+
+def test_run_logs_and_reports_knn_accuracy(pretrained_with_monitor):
+  model_dir, proc = pretrained_with_monitor
   # Step 2 while training, step 4 in the final evaluation only (once).
   lines = [l for l in proc.stderr.splitlines() if 'kNN monitor at step' in l]
   assert len(lines) == 2, lines
   assert 'step 2: top-1' in lines[0] and 'step 4: top-1' in lines[1]
   assert '100 eval examples vs a bank of 100 train examples' in lines[0]
-  result = json.loads((tmp_path / 'result.json').read_text())
+  result = json.loads((model_dir / 'result.json').read_text())
   assert 0 <= result['eval/knn_top_1_accuracy'] <= 1
-  assert 0 <= result['eval/label_top_1_accuracy'] <= 1  # linear head
+  # The linear head trained while pretraining is evaluated too.
+  assert 0 <= result['eval/label_top_1_accuracy'] <= 1
   assert f"{result['eval/knn_top_1_accuracy']:.4f}" in lines[1]
   tags = {}
-  for event_file in tmp_path.glob('events.out.tfevents.*'):
+  for event_file in model_dir.glob('events.out.tfevents.*'):
     for event in tf.compat.v1.train.summary_iterator(str(event_file)):
       for value in event.summary.value:
         tags.setdefault(value.tag, set()).add(event.step)
   assert tags['eval/knn_top_1_accuracy'] == {2, 4}
+  assert tags['eval/label_top_1_accuracy'] == {4}
+
+
+def test_linear_evaluation_trains_only_the_head(pretrained_with_monitor,
+                                                shapes10_dir, tmp_path):
+  """README's linear evaluation: finetune with fine_tune_after_block=4."""
+  model_dir, _ = pretrained_with_monitor
+  run_py(*tiny_run(shapes10_dir, tmp_path), '--train_mode=finetune',
+         '--fine_tune_after_block=4', '--zero_init_logits_layer=True',
+         '--variable_schema=(?!global_step|(?:.*/|^)LARSOptimizer|head)',
+         '--global_bn=False', '--optimizer=momentum', '--learning_rate=0.1',
+         '--weight_decay=0.0', '--warmup_epochs=0', f'--checkpoint={model_dir}')
+  result = json.loads((tmp_path / 'result.json').read_text())
+  assert 0 <= result['eval/label_top_1_accuracy'] <= 1
+  assert 'eval/knn_top_1_accuracy' not in result  # monitor off by default
+  before = tf.train.load_checkpoint(str(model_dir / 'ckpt-4'))
+  after = tf.train.load_checkpoint(str(tmp_path / 'ckpt-4'))
+  encoder = [k for k in after.get_variable_to_shape_map()
+             if k.startswith('model/resnet_model/') and 'OPTIMIZER' not in k]
+  weights = [k for k in encoder if 'moving_' not in k]
+  moving = [k for k in encoder if 'moving_mean' in k]
+  assert len(weights) > 60 and moving
+  for key in weights:  # kernels, gammas, betas: exactly the pretrained ones
+    np.testing.assert_array_equal(after.get_tensor(key),
+                                  before.get_tensor(key), err_msg=key)
+  # As in the original, the frozen encoder's batch norm still updates its
+  # moving statistics (README: "Linear evaluation and frozen batch norm").
+  assert any(not np.array_equal(after.get_tensor(k), before.get_tensor(k))
+             for k in moving)
+  head = [k for k in after.get_variable_to_shape_map()
+          if 'supervised_head' in k and 'kernel' in k and
+          'OPTIMIZER' not in k]
+  assert head and np.abs(after.get_tensor(head[0])).max() > 0
