@@ -83,6 +83,15 @@ class Config:
   # Reproducible runs: the input pipelines' shuffling and augmentations and
   # the initialisation follow this seed (None: unseeded, as the original).
   seed: Optional[int] = None
+  # kNN monitor (knn_monitor.py): every `knn_monitor_steps` training steps
+  # (0: never), the weighted k-NN top-1 accuracy of the encoder's
+  # `final_avg_pool` features on the eval split against a bank of the first
+  # `knn_bank_size` train examples (0: all), both with eval preprocessing;
+  # also reported by the final evaluation when on.
+  knn_monitor_steps: int = 0
+  knn_bank_size: int = 10000
+  knn_k: int = 200
+  knn_temperature: float = 0.1
   # Where to run (the original's defaults: a TPU).
   use_tpu: bool = True
   tpu_name: Optional[str] = None
@@ -135,6 +144,12 @@ class Config:
     _at_least('checkpoint_steps', self.checkpoint_steps, 0)
     _at_least('checkpoint_epochs', self.checkpoint_epochs, 0)
     _at_least('eval_steps', self.eval_steps, 0)
+    _at_least('knn_monitor_steps', self.knn_monitor_steps, 0)
+    _at_least('knn_bank_size', self.knn_bank_size, 0)
+    _at_least('knn_k', self.knn_k, 1)
+    if self.knn_temperature <= 0:
+      raise ConfigError(f'knn_temperature={self.knn_temperature}: expected a '
+                        'positive number.')
     _at_least('keep_checkpoint_max', self.keep_checkpoint_max, 1)
     _at_least('keep_hub_module_max', self.keep_hub_module_max, 0)
     try:

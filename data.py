@@ -161,8 +161,14 @@ def resumed_seed(seed, start_step):
   return int.from_bytes(digest[:4], 'big') >> 1
 
 
+def num_eval_examples(source, split, max_examples=0):
+  """Examples an eval pipeline over `split` reads: all, or the first N > 0."""
+  total = source.num_examples(split)
+  return min(total, max_examples) if max_examples > 0 else total
+
+
 def build_input_fn(source, global_batch_size, is_training, config,
-                   num_replicas=1):
+                   num_replicas=1, split=None, max_examples=0):
   """Returns `input_fn(input_context=None) -> tf.data.Dataset` per replica.
 
   Args:
@@ -172,12 +178,18 @@ def build_input_fn(source, global_batch_size, is_training, config,
       shuffled, repeated, full batches) or eval (`config.eval_split`).
     config: the run's `Config`.
     num_replicas: replicas in sync (for the eval padding).
+    split: eval only: read this split instead of `config.eval_split` (the kNN
+      monitor's feature bank reads the train split with eval preprocessing).
+    max_examples: eval only: if > 0, only the split's first `max_examples`
+      examples (in the order stored, unshuffled); see `num_eval_examples`.
   """
-  split = config.train_split if is_training else config.eval_split
+  if is_training and (split is not None or max_examples):
+    raise ValueError('split and max_examples are for eval pipelines only.')
+  split = split or (config.train_split if is_training else config.eval_split)
   num_classes = source.num_classes
   preprocess = _preprocess_fn(config, is_training,
                               getattr(source, 'fixed_size', False))
-  num_examples = source.num_examples(split)
+  num_examples = num_eval_examples(source, split, max_examples)
 
   def to_batch_element(example, seed=None):
     image = preprocess(example['image'], seed=seed)
@@ -221,6 +233,8 @@ def build_input_fn(source, global_batch_size, is_training, config,
     # Evaluation: shard by example (not by file) so shards differ by at most
     # one example, then pad every shard to the same number of full batches.
     dataset = source.as_dataset(split, shuffle_files=False)
+    if max_examples:
+      dataset = dataset.take(num_examples)
     if pipelines > 1:
       dataset = dataset.shard(pipelines, pipeline_id)
     if config.cache_dataset:
@@ -254,13 +268,17 @@ def num_input_pipelines(strategy):
 
 
 def build_distributed_dataset(source, global_batch_size, is_training,
-                              strategy, config):
-  """The per-replica pipeline distributed over `strategy`'s replicas."""
+                              strategy, config, split=None, max_examples=0):
+  """The per-replica pipeline distributed over `strategy`'s replicas.
+
+  `split` and `max_examples` (eval only) are those of `build_input_fn`.
+  """
   replicas = strategy.num_replicas_in_sync
   if global_batch_size % replicas:
     raise DatasetError(
         f'batch size {global_batch_size} is not divisible by the '
         f'{replicas} replicas: use a multiple of {replicas}.')
   input_fn = build_input_fn(source, global_batch_size, is_training, config,
-                            num_replicas=replicas)
+                            num_replicas=replicas, split=split,
+                            max_examples=max_examples)
   return strategy.distribute_datasets_from_function(input_fn)

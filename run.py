@@ -30,6 +30,7 @@ import checkpoints
 import config as config_lib
 import data as data_lib
 import export
+import knn_monitor
 import metrics
 import model as model_lib
 import training
@@ -176,6 +177,20 @@ flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')
+flags.DEFINE_integer('knn_monitor_steps', _D.knn_monitor_steps,
+                     'Steps between kNN monitor evaluations while training '
+                     '(0: off): weighted k-NN top-1 accuracy of the encoder\'s '
+                     'final_avg_pool features on --eval_split against a bank '
+                     'of --train_split features, logged and written to '
+                     'TensorBoard as eval/knn_top_1_accuracy; when on, the '
+                     'final evaluation reports it too.')
+flags.DEFINE_integer('knn_bank_size', _D.knn_bank_size,
+                     'kNN monitor: how many train examples (the first ones '
+                     'of --train_split, eval preprocessing) form the feature '
+                     'bank; 0: all of them.')
+flags.DEFINE_integer('knn_k', _D.knn_k, 'kNN monitor: neighbours that vote.')
+flags.DEFINE_float('knn_temperature', _D.knn_temperature,
+                   'kNN monitor: temperature T of the votes exp(cos / T).')
 flags.DEFINE_integer('seed', _D.seed,
                      'Seed of the input pipelines (shuffling, augmentations) '
                      'and the initialisation, for reproducible runs; unset: '
@@ -407,11 +422,25 @@ def restore_or_initialise(cfg, model, manager):
                     'from scratch (random initialisation).')
 
 
-def train(cfg, source, strategy, model, num_train_examples, out_dir):
+def run_knn_monitor(cfg, monitor, step):
+  """Logs and returns the kNN monitor's top-1 accuracy at `step`."""
+  knn = monitor.evaluate()
+  logging.info('kNN monitor at step %d: top-1 %.4f (k=%d, T=%g; %d eval '
+               'examples vs a bank of %d train examples; %.1f s)', step,
+               knn.top_1_accuracy, cfg.knn_k, cfg.knn_temperature,
+               knn.num_queries, knn.num_bank, knn.seconds)
+  return knn.top_1_accuracy
+
+
+def train(cfg, source, strategy, model, num_train_examples, out_dir,
+          monitor=None):
   """The training loop; returns (CheckpointManager, finished).
 
   Checkpoints go to `out_dir` (see `output_dir`); summaries are written by
   the chief only. Metrics are means over every replica of every worker.
+  With a `knn_monitor.KnnMonitor`, its accuracy is logged and summarised
+  every `cfg.knn_monitor_steps` steps and at the last step (unless the final
+  evaluation of --mode=train_then_eval is about to report it).
   """
   train_steps = model_lib.get_train_steps(num_train_examples, cfg)
   epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
@@ -480,6 +509,9 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir):
     while step < train_steps and not stopping:
       steps = min(steps_per_loop, train_steps - step,
                   checkpoint_steps - step % checkpoint_steps)
+      if monitor is not None:
+        steps = min(steps, cfg.knn_monitor_steps -
+                    step % cfg.knn_monitor_steps)
       with summary_writer.as_default():
         train_loop(iterator, tf.constant(steps))
       step = int(global_step.numpy())
@@ -503,6 +535,13 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir):
       stopping = any_worker(strategy, stop.signal is not None)
       if (step % checkpoint_steps == 0 or step >= train_steps or stopping):
         manager.save(checkpoint_number=step)
+      last = step >= train_steps
+      if (monitor is not None and not stopping and
+          (step % cfg.knn_monitor_steps == 0 or last) and
+          not (last and cfg.mode == 'train_then_eval')):
+        accuracy = run_knn_monitor(cfg, monitor, step)
+        with summary_writer.as_default():
+          tf.summary.scalar('eval/knn_top_1_accuracy', accuracy, step=step)
   summary_writer.flush()
   if stopping and step < train_steps:
     logging.info('Stopped by %s at step %d after saving; rerun the same '
@@ -515,15 +554,20 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir):
 
 
 def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
-             out_dir):
-  """Eval top-1/top-5 over the eval split; writes results and a SavedModel.
+             out_dir, monitor=None):
+  """Evaluates a checkpoint; writes results and a SavedModel.
 
+  Results: top-1/top-5 of the supervised head over the eval split (the
+  linear head trained while pretraining, or the fine-tuned classifier), and
+  with a `knn_monitor.KnnMonitor` the kNN top-1 accuracy of the encoder.
   Every worker evaluates its share; the metrics are means over all of them
   and the chief alone writes results and summaries. The SavedModel goes to
   `out_dir` (see `output_dir`).
   """
-  if cfg.train_mode == 'pretrain' and not cfg.lineareval_while_pretraining:
-    logging.info('Skipping eval during pretraining without linear eval.')
+  linear = cfg.has_supervised_head
+  if not linear and monitor is None:
+    logging.info('Skipping eval during pretraining without linear eval or '
+                 'kNN monitor.')
     return None
   replicas = strategy.num_replicas_in_sync
   steps = cfg.eval_steps or data_lib.eval_steps(
@@ -557,10 +601,15 @@ def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
     images, labels = next(iterator)
     strategy.run(replica_step, (images, labels))
 
-  iterator = iter(dataset)
-  for _ in range(steps):
-    eval_step(iterator)
-  result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  result = {}
+  if linear:
+    iterator = iter(dataset)
+    for _ in range(steps):
+      eval_step(iterator)
+    result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  if monitor is not None:
+    result['eval/knn_top_1_accuracy'] = run_knn_monitor(cfg, monitor,
+                                                        global_step)
   result['global_step'] = global_step
   logging.info('Eval results: %s', result)
   if is_chief(strategy):
@@ -615,8 +664,8 @@ def run(cfg):
                                  'and results go.')
   source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
   num_train = source.num_examples(cfg.train_split)
-  num_eval = (source.num_examples(cfg.eval_split)
-              if cfg.mode != 'train' else 0)
+  num_eval = (source.num_examples(cfg.eval_split)  # fails early if absent
+              if cfg.mode != 'train' or cfg.knn_monitor_steps else 0)
   if cfg.checkpoint:
     checkpoints.check_checkpoint(cfg.checkpoint, cfg.use_ema_weights)
   if cfg.mode == 'eval' and tf_config_names_workers():
@@ -655,16 +704,23 @@ def run(cfg):
 
 def _run_mode(cfg, source, strategy, model, num_train, num_eval, out_dir):
   train_steps = model_lib.get_train_steps(num_train, cfg)
+  monitor = None
+  if cfg.knn_monitor_steps:
+    monitor = knn_monitor.KnnMonitor(
+        source, strategy, cfg,
+        lambda images: model.resnet_model(images, training=False))
   if cfg.mode == 'eval':
     result = None
     for ckpt in tf.train.checkpoints_iterator(cfg.model_dir,
                                               min_interval_secs=15):
-      result = evaluate(cfg, source, strategy, model, ckpt, num_eval, out_dir)
+      result = evaluate(cfg, source, strategy, model, ckpt, num_eval, out_dir,
+                        monitor)
       if result is None or result['global_step'] >= train_steps:
         logging.info('Eval complete.')
         return result
     return result
-  manager, finished = train(cfg, source, strategy, model, num_train, out_dir)
+  manager, finished = train(cfg, source, strategy, model, num_train, out_dir,
+                            monitor)
   if not finished:
     return None
   # A non-chief worker that found training complete saved nothing itself;
@@ -673,7 +729,8 @@ def _run_mode(cfg, source, strategy, model, num_train, num_eval, out_dir):
       cfg.model_dir)
   if cfg.mode == 'train_then_eval':
     # Evaluation exports the SavedModel of the evaluated checkpoint.
-    return evaluate(cfg, source, strategy, model, latest, num_eval, out_dir)
+    return evaluate(cfg, source, strategy, model, latest, num_eval, out_dir,
+                    monitor)
   step = int(latest.rsplit('-', 1)[1])
   exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
   # Every worker exports (to out_dir), as the chief decides.
