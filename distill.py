@@ -50,6 +50,7 @@ import config as config_lib
 import data as data_lib
 import export
 import model as model_lib
+import training
 import run  # the model, data and optimizer flags, with run.py's meanings
 
 FLAGS = flags.FLAGS
@@ -269,7 +270,7 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
   cfg = cfg.replace(train_mode='finetune').validate()
   source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
   num_train = source.num_examples(cfg.train_split)
-  num_eval = source.num_examples(cfg.eval_split)
+  source.num_examples(cfg.eval_split)  # fails early if the split is absent
   if cfg.checkpoint:
     checkpoints.check_checkpoint(cfg.checkpoint, cfg.use_ema_weights)
   strategy = run.build_strategy(cfg)
@@ -292,12 +293,8 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
                sum(int(tf.size(v)) for v in student.trainable_variables),
                teacher_path)
 
-  train_steps = model_lib.get_train_steps(num_train, cfg)
-  epoch_steps = int(round(num_train / cfg.train_batch_size))
-  checkpoint_steps = (cfg.checkpoint_steps or
-                      max(1, cfg.checkpoint_epochs * epoch_steps))
-  summary_steps = cfg.train_summary_steps or checkpoint_steps
-  steps_per_loop = max(1, min(checkpoint_steps, summary_steps))
+  train_steps, checkpoint_steps, _, steps_per_loop = run.step_plan(
+      cfg, num_train)
   with strategy.scope():
     # A teacher of other classes than the dataset's: labels only masked out.
     train_source = source if with_labels else _Relabelled(source, num_classes)
@@ -324,11 +321,7 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
 
-  @tf.function
-  def train_loop(iterator, steps):
-    for _ in tf.range(steps):
-      images, labels = next(iterator)
-      strategy.run(replica_step, (images, labels))
+  train_loop = training.make_train_loop(strategy, replica_step)
 
   writer = tf.summary.create_file_writer(cfg.model_dir)
   step = int(optimizer.iterations.numpy())

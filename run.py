@@ -422,6 +422,17 @@ def restore_or_initialise(cfg, model, manager):
                     'from scratch (random initialisation).')
 
 
+def step_plan(cfg, num_train_examples):
+  """(train steps, checkpoint every, summaries every, steps per loop call)."""
+  train_steps = model_lib.get_train_steps(num_train_examples, cfg)
+  epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
+  checkpoint_steps = (cfg.checkpoint_steps or
+                      max(1, cfg.checkpoint_epochs * epoch_steps))
+  summary_steps = cfg.train_summary_steps or checkpoint_steps
+  steps_per_loop = max(1, min(checkpoint_steps, summary_steps))
+  return train_steps, checkpoint_steps, summary_steps, steps_per_loop
+
+
 def run_knn_monitor(cfg, monitor, step):
   """Logs and returns the kNN monitor's top-1 accuracy at `step`."""
   knn = monitor.evaluate()
@@ -442,12 +453,8 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
   every `cfg.knn_monitor_steps` steps and at the last step (unless the final
   evaluation of --mode=train_then_eval is about to report it).
   """
-  train_steps = model_lib.get_train_steps(num_train_examples, cfg)
-  epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
-  checkpoint_steps = (cfg.checkpoint_steps or
-                      max(1, cfg.checkpoint_epochs * epoch_steps))
-  summary_steps = cfg.train_summary_steps or checkpoint_steps
-  steps_per_loop = max(1, min(checkpoint_steps, summary_steps))
+  train_steps, checkpoint_steps, summary_steps, steps_per_loop = step_plan(
+      cfg, num_train_examples)
   logging.info('# train examples: %d; # train_steps: %d; checkpoint every '
                '%d steps', num_train_examples, train_steps, checkpoint_steps)
   chief = is_chief(strategy)
@@ -484,11 +491,7 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
 
-  @tf.function
-  def train_loop(iterator, steps):
-    for _ in tf.range(steps):
-      images, labels = next(iterator)
-      strategy.run(replica_step, (images, labels))
+  train_loop = training.make_train_loop(strategy, replica_step)
 
   global_step = optimizer.iterations
   step = int(global_step.numpy())

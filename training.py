@@ -83,3 +83,17 @@ def make_train_step(model, optimizer, config, strategy=None):
     return terms
 
   return step
+
+
+def make_train_loop(strategy, replica_step):
+  """A tf.function running `replica_step(images, labels)` on every replica
+  for `steps` batches drawn from a distributed `iterator`: several steps per
+  call, so the host returns only between reports."""
+
+  @tf.function
+  def train_loop(iterator, steps):
+    for _ in tf.range(steps):
+      images, labels = next(iterator)
+      strategy.run(replica_step, (images, labels))
+
+  return train_loop
