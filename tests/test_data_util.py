@@ -219,3 +219,38 @@ def test_random_color_jitter_gray_or_color():
                 np.array_equal(out[..., 0], out[..., 2]))
   # Grayscale has probability 0.2: some of the 30 draws, but not most.
   assert 1 <= gray <= 15
+
+
+def test_batch_random_blur_rate_and_sigma_distribution():
+  """Blur of unit impulses: the response's spatial variance is sigma^2, so
+  each batch's sigma can be read back. Kernel from height=224 (22 taps,
+  radius 11: sigma <= 2 is not truncated) on 48x48 impulses to stay cheap."""
+  impulse = np.zeros([8, 48, 48, 1], np.float32)
+  impulse[:, 24, 24] = 1
+  taps = np.arange(48) - 24
+  batches, sigmas, blurred = 300, [], 0
+  for seed in range(batches):
+    out, = data_util.batch_random_blur([tf.constant(impulse)], 224, 224,
+                                       seed=seed)
+    out = out.numpy()[..., 0]
+    changed = [not np.array_equal(o, impulse[0, ..., 0]) for o in out]
+    blurred += sum(changed)
+    if any(changed):
+      rows = out[changed]
+      profile = rows.sum(1)  # [n, W]: mass along x
+      variance = (profile * taps**2).sum(-1) / profile.sum(-1)
+      # One sigma per batch: every blurred image of it is the same.
+      np.testing.assert_allclose(variance, variance[0], rtol=1e-4)
+      sigmas.append(np.sqrt(variance[0]))
+  # p = 0.5 per image, 2400 images: 4 standard deviations is 0.041.
+  assert abs(blurred / (8 * batches) - 0.5) < 0.041
+  sigmas = np.array(sigmas)
+  # U(0.1, 2.0); below ~0.25 the sampled kernel is all but a delta, so the
+  # low end reads back at or under 0.1 and never above 2.0.
+  assert sigmas.max() <= 2.0 + 1e-3 and sigmas.max() > 1.9
+  assert sigmas.min() < 0.35
+  n = len(sigmas)
+  for threshold, expected in ((1.05, 0.5), (0.6, 1 - 0.5 / 1.9),
+                              (1.6, 0.4 / 1.9)):
+    share = np.mean(sigmas > threshold)
+    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
