@@ -15,9 +15,10 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 TRAIN_MODES = ('pretrain', 'finetune')
 MODES = ('train', 'eval', 'train_then_eval')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
-# Keras mixed-precision policies: layers compute in bfloat16, variables, the
-# loss and batch-norm statistics stay float32.
-PRECISIONS = ('float32', 'mixed_bfloat16')
+# Keras mixed-precision policies: layers compute in bfloat16 or float16,
+# variables, the loss and batch-norm statistics stay float32; float16 (for
+# GPUs) trains with dynamic loss scaling (training.with_loss_scaling).
+PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 LR_SCALINGS = ('linear', 'sqrt')
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 
@@ -74,6 +75,10 @@ class Config:
   # compilation of the forward and backward pass.
   precision: str = 'float32'
   jit_compile: bool = False
+  # Batch norm on the fused kernel where its statistics are local
+  # (resnet._FusedLocalStatistics); None: on under mixed precision only, so
+  # float32 keeps the original's unfused arithmetic.
+  fused_batch_norm: Optional[bool] = None
   train_summary_steps: int = 100
   # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
   # the newest readable earlier one (and say so) instead of stopping.
@@ -120,6 +125,12 @@ class Config:
   def cifar_stem(self):
     """The original switches to the 3x3 stride-1 stem for small images."""
     return self.image_size <= 32
+
+  @property
+  def use_fused_batch_norm(self):
+    if self.fused_batch_norm is None:
+      return self.precision != 'float32'
+    return self.fused_batch_norm
 
   @property
   def has_supervised_head(self):

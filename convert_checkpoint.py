@@ -1,47 +1,30 @@
 r"""Converts any SimCLR checkpoint to a TF2 checkpoint and a released-format SavedModel.
 
-  python convert_checkpoint.py --from=<TF1 checkpoint | TF2 checkpoint |
-      SavedModel> --to=<dir> --resnet_depth=50 --width_multiplier=1 \
+  python run.py --mode=convert --checkpoint=<TF1 checkpoint | TF2 checkpoint |
+      SavedModel> --model_dir=<dir> --resnet_depth=50 --width_multiplier=1 \
       --sk_ratio=0.0625 --image_size=224 [--use_ema_weights]
 
-The model flags are run.py's, with the same meaning. The source decides the
-heads: a supervised head is built (with the source's number of classes) when
-the source has one. Writes `<to>/ckpt-<step>` (+ `checkpoint` state file:
-pass `--checkpoint=<to>` to run.py) and `<to>/saved_model/`, then checks that
+run.py's `--mode=convert` calls `convert` (this module reads no flags). The
+source decides the heads: a supervised head is built (with the source's
+number of classes) when the source has one. Writes `<dir>/ckpt-<step>`
+(+ `checkpoint` state file: pass `--checkpoint=<dir>` to run.py) and
+`<dir>/saved_model/`, then checks that
 both give the source model's outputs (and, for a SavedModel source, the
 source's own outputs) and prints one JSON line with the differences and
 the encoder's conv-kernel scale (SimCLRv1 kernels are about 16.8x larger
 than SimCLRv2 ones; `--kernel_scale` rescales them without changing what
-the network computes).
+the network computes); run.py exits 1 when a difference exceeds
+`--convert_tolerance`.
 """
-import json
 import os
-import sys
 
-from absl import app
-from absl import flags
 import numpy as np
 import tensorflow as tf
 
 import checkpoints
-import config as config_lib
 import export
 import tf1_names
 import model as model_lib
-import run  # the model flags, with run.py's names and defaults
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('from', None, 'Checkpoint to convert: TF1 name-based '
-                    'checkpoint, TF2 checkpoint or SavedModel (prefix or '
-                    'directory; gs:// works).')
-flags.DEFINE_string('to', None, 'Output directory (created).')
-flags.DEFINE_float('kernel_scale', 1.0,
-                   'Multiply the encoder conv kernels that feed a batch norm '
-                   'by this (and that batch norm\'s moving statistics to '
-                   'match), e.g. 0.06 to bring SimCLRv1 weights to the scale '
-                   'of SimCLRv2 ones for fine-tuning with --optimizer=momentum.')
-flags.DEFINE_float('tolerance', 1e-4, 'Largest output difference accepted, '
-                   'relative to the output scale.')
 
 ENDPOINTS = ('block_group4', 'final_avg_pool', 'proj_head_output',
              'logits_sup')
@@ -158,30 +141,3 @@ def convert(source, target, cfg, use_ema=False, kernel_scale=1.0):
   if kernel_scale != 1:
     summary['rescale_effect_rel'] = rescale_effect
   return summary
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    if not FLAGS['from'].value or not FLAGS.to:
-      raise config_lib.ConfigError('--from (the checkpoint to convert) and '
-                                   '--to (an output directory) are required.')
-    FLAGS.checkpoint = FLAGS['from'].value  # what the config restores
-    cfg = run.config_from_flags()
-    summary = convert(FLAGS['from'].value, FLAGS.to, cfg,
-                      use_ema=FLAGS.use_ema_weights,
-                      kernel_scale=FLAGS.kernel_scale)
-  except (config_lib.ConfigError, checkpoints.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(summary))
-  worst = max(summary['max_rel_diff'].values())
-  if worst > FLAGS.tolerance:
-    print(f'error: converted outputs differ from the source by {worst:.3g} '
-          f'(relative) > --tolerance={FLAGS.tolerance}.', file=sys.stderr)
-    sys.exit(1)
-
-
-if __name__ == '__main__':
-  app.run(main)

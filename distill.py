@@ -1,9 +1,10 @@
 r"""SimCLRv2 distillation: a fine-tuned teacher's softened labels train a student.
 
-    python distill.py --teacher=<SavedModel> --model_dir=/tmp/student \
-        --dataset=shapes10 --use_tpu=False --resnet_depth=18 \
-        --width_multiplier=0.5 --image_size=32 --train_steps=1000 \
-        --optimizer=momentum --learning_rate=0.1 --distill_temperature=1
+    python run.py --train_mode=distill --teacher=<SavedModel> \
+        --model_dir=/tmp/student --dataset=shapes10 --use_tpu=False \
+        --resnet_depth=18 --width_multiplier=0.5 --image_size=32 \
+        --train_steps=1000 --optimizer=momentum --learning_rate=0.1 \
+        --distill_temperature=1
 
 Chen et al. 2020, "Big Self-Supervised Models are Strong Semi-Supervised
 Learners", section 2.3: the teacher is fixed; the student minimises
@@ -32,15 +33,13 @@ and its agreement with the teacher on the eval split.
 
 The teacher is any SavedModel in the released format with a supervised head
 (`loaded(images, trainable=False)['logits_sup']`): the released SimCLRv2
-fine-tuned models, or one exported by run.py / convert_checkpoint.py.
+fine-tuned models, or one exported by run.py (also by its --mode=convert).
+This module reads no flags: run.py's `--train_mode=distill` calls `distill`
+with its Config; the notebook calls the pieces directly.
 """
-import json
 import math
 import os
-import sys
 
-from absl import app
-from absl import flags
 from absl import logging
 import tensorflow as tf
 import tf_keras as keras
@@ -51,19 +50,7 @@ import data as data_lib
 import export
 import model as model_lib
 import training
-import run  # the model, data and optimizer flags, with run.py's meanings
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('teacher', None, 'SavedModel of the fine-tuned teacher '
-                    '(released format, with logits_sup; gs:// works).')
-flags.DEFINE_float('distill_temperature', 1.0,
-                   'tau: teacher and student logits are divided by it before '
-                   'the softmax of the distillation term.')
-flags.DEFINE_float('distill_alpha', 1.0,
-                   'Weight of the distillation term; 1 - alpha weighs the '
-                   'cross entropy with the dataset labels (needs a teacher '
-                   'with the dataset\'s classes). 1: labels unused.')
-
+import run  # the strategy, model, step plan and resume logic of run.py
 
 def soft_cross_entropy(teacher_logits, student_logits, temperature=1.0):
   """Per example -sum_y softmax(t / tau)_y * log softmax(s / tau)_y.
@@ -151,6 +138,7 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
   student top-1 is the teacher's).
   """
   num_replicas = strategy.num_replicas_in_sync if strategy else 1
+  optimizer = training.with_loss_scaling(optimizer, config, strategy)
 
   def step(images, labels):
     target = teacher_logits(teacher, images)
@@ -159,9 +147,10 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
       loss = distillation_loss(target, logits, temperature, labels, alpha)
       weight_decay = model_lib.add_weight_decay(student, config)
       total = loss + weight_decay
-      scaled = total / num_replicas
+      scaled = training.scale_loss(optimizer, total / num_replicas)
     variables = student.trainable_variables
-    grads = tape.gradient(scaled, variables)
+    grads = training.unscale_gradients(
+        optimizer, tape.gradient(scaled, variables))
     # Layers the logits do not depend on (a projection head the classifier
     # does not read) have no gradient: leave them out rather than warn.
     optimizer.apply_gradients(
@@ -388,28 +377,3 @@ class _Relabelled:
                                       input_context=input_context)
     # -1 is one-hot encoded as all zeros.
     return dataset.map(lambda ex: dict(ex, label=tf.constant(-1, tf.int64)))
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    if not FLAGS.teacher:
-      raise config_lib.ConfigError('--teacher is required: the SavedModel of '
-                                   'the fine-tuned teacher.')
-    # The student is always encoder + classifier (run.py's finetune mode),
-    # validated as such.
-    FLAGS.train_mode = 'finetune'
-    cfg = run.config_from_flags()
-    result = distill(cfg, FLAGS.teacher, FLAGS.distill_temperature,
-                     FLAGS.distill_alpha)
-  except (config_lib.ConfigError, data_lib.DatasetError,
-          checkpoints.CheckpointError, run.TrainingDiverged) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if result is not None:
-    print(json.dumps(result))
-
-
-if __name__ == '__main__':
-  app.run(main)

@@ -132,7 +132,8 @@ class Model(keras.models.Model):
     super().__init__(**kwargs)
     self.config = config
     bn_args = dict(global_bn=config.global_bn,
-                   batch_norm_decay=config.batch_norm_decay)
+                   batch_norm_decay=config.batch_norm_decay,
+                   fused=config.use_fused_batch_norm)
     self.resnet_model = resnet.resnet(config)
     self._projection_head = ProjectionHead(
         mode=config.proj_head_mode, num_layers=config.num_proj_layers,

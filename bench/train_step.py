@@ -9,6 +9,11 @@ device), the step's FLOPs and achieved FLOP/s, and one JSON line with the
 machine's ceiling: the FLOP/s of a large matmul in float32 and bfloat16
 measured in the same run.
 
+Memory: each (config, precision) runs in its own subprocess, so its
+`peak_rss_mb` (the process's resident-set high-water mark: model, optimizer
+slots, activations of the step, TensorFlow itself) belongs to that setting
+alone; on a GPU `peak_gpu_mb` is TensorFlow's peak allocation on GPU:0.
+
 FLOPs are TensorFlow's own count for the traced step (forward, backward and
 optimizer ops that register a FLOP statistic: convolutions and their two
 backward ops, matmuls, element-wise ops), from `tf.compat.v1.profiler` on the
@@ -17,6 +22,8 @@ step's graph; a multiply-add counts as 2.
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 
@@ -41,9 +48,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', sorted(CONFIGS), 'Which of: ' +
                   ', '.join(sorted(CONFIGS)))
 flags.DEFINE_list('precisions', ['float32', 'mixed_bfloat16'],
-                  'Precision policies to measure.')
+                  'Precision policies to measure (mixed_float16 for GPUs), '
+                  'with "+fused" / "+unfused" for --fused_batch_norm=True / '
+                  'False (unset: fused under mixed precision only).')
 flags.DEFINE_float('seconds', 20., 'Timed seconds per setting (after warm-up).')
 flags.DEFINE_integer('matmul_size', 4096, 'Side of the ceiling matmul.')
+flags.DEFINE_bool('one_setting', False, 'Internal: measure the single '
+                  '--configs x --precisions setting in this process.')
 
 
 def machine():
@@ -82,10 +93,12 @@ def graph_flops(concrete_fn):
   return profile.total_float_ops
 
 
-def bench_step(name, precision, seconds):
+def bench_step(name, setting, seconds):
+  precision, _, batch_norm = setting.partition('+')
+  fused = {'': None, 'fused': True, 'unfused': False}[batch_norm]
   cfg = Config(learning_rate=1.0, temperature=0.5, weight_decay=1e-6,
                warmup_epochs=0, use_blur=False, precision=precision,
-               **CONFIGS[name]).validate()
+               fused_batch_norm=fused, **CONFIGS[name]).validate()
   batch, size = cfg.train_batch_size, cfg.image_size
   with model_lib.precision_policy(precision):
     model = model_lib.Model(1000 if size > 32 else 10, cfg)
@@ -98,11 +111,35 @@ def bench_step(name, precision, seconds):
   flops = graph_flops(step.get_concrete_function(views, labels))
   rate = timed(lambda: step(views, labels)['total_loss'], seconds)
   return {'bench': 'train_step', 'config': name, 'precision': precision,
+          'fused_batch_norm': cfg.use_fused_batch_norm,
           'batch': batch, 'image_size': size, 'optimizer': cfg.optimizer,
           'images_per_s': round(rate * batch, 2),
           'views_per_s': round(2 * rate * batch, 2),
           'step_gflop': round(flops / 1e9, 2),
-          'achieved_gflop_per_s': round(rate * flops / 1e9, 1)}
+          'achieved_gflop_per_s': round(rate * flops / 1e9, 1),
+          **peak_memory()}
+
+
+def peak_memory():
+  # ru_maxrss is in KiB on Linux.
+  memory = {'peak_rss_mb': round(
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  if tf.config.list_physical_devices('GPU'):
+    memory['peak_gpu_mb'] = round(
+        tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20, 1)
+  return memory
+
+
+def measure_in_subprocess(name, precision):
+  """bench_step(name, precision) in a fresh process: its own peak memory."""
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), '--one_setting',
+       f'--configs={name}', f'--precisions={precision}',
+       f'--seconds={FLAGS.seconds}'], capture_output=True, text=True,
+      check=False)
+  if proc.returncode:
+    raise RuntimeError(f'{name} {precision} failed:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
@@ -111,6 +148,10 @@ def main(argv):
     if name not in CONFIGS:
       raise app.UsageError(f'--configs: unknown {name!r}; expected one of '
                            f'{", ".join(sorted(CONFIGS))}')
+  if FLAGS.one_setting:
+    print(json.dumps(bench_step(FLAGS.configs[0], FLAGS.precisions[0],
+                                FLAGS.seconds)))
+    return
   ceiling = {'bench': 'matmul_ceiling', 'size': FLAGS.matmul_size,
              'machine': machine()}
   for dtype in (tf.float32, tf.bfloat16):
@@ -119,7 +160,7 @@ def main(argv):
   print(json.dumps(ceiling), flush=True)
   for name in FLAGS.configs:
     for precision in FLAGS.precisions:
-      result = bench_step(name, precision, FLAGS.seconds)
+      result = measure_in_subprocess(name, precision)
       for dtype in ('float32', 'bfloat16'):
         result[f'fraction_of_{dtype}_ceiling'] = round(
             result['achieved_gflop_per_s'] / ceiling[f'{dtype}_gflop_per_s'],

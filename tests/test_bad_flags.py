@@ -67,6 +67,11 @@ CASES = [
     (['--model_dir=/proc/simclr_not_writable'], 'not writable'),
     (['--model_dir='], '--model_dir is required'),
     (['--use_tpu=True'], 'use_tpu'),
+    (['--train_mode=distill'], '--teacher'),
+    (['--train_mode=distill', '--teacher=/nonexistent/teacher'], '/nonexistent/teacher'),
+    (['--train_mode=distill', '--teacher=/tmp', '--distill_alpha=2'], 'distill_alpha'),
+    (['--mode=convert'], '--checkpoint'),
+    (['--mode=convert', '--checkpoint=/nonexistent/ckpt-3'], '/nonexistent/ckpt-3'),
 ]
 
 

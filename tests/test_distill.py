@@ -1,5 +1,5 @@
 """distill.py: the SimCLRv2 distillation loss against numpy, and a short
-command-line run from a small trained teacher on shapes10."""
+`run.py --train_mode=distill` run from a small trained teacher on shapes10."""
 import json
 import os
 import subprocess
@@ -113,21 +113,21 @@ def test_bad_teacher_is_one_line(tmp_path):
     distill.distill(cfg.replace(model_dir=None), str(tmp_path))
 
 
-# The command line run: a ResNet-18 student at 1/8 width learns from the
-# tiny teacher (0.67-0.72 test accuracy) on random crops of shapes10.
-# Measured on 2 busy cores, 150 steps of 64, Adam 0.01 (0.04 x 64 / 256):
-# agreement with the teacher on the 1000 test images 0.70-0.74 while the
-# teacher's commonest class covers 0.28-0.32 of its predictions (the most a
-# constant student could agree), student accuracy 0.49-0.51 (chance 0.1).
-# 60-80 s, most of it tracing, evaluation and the SavedModel export.
+# The command line's plumbing: a ResNet-18 student at 1/8 width, 40 steps
+# from the tiny teacher, checkpoints, progress, evaluation on 500 test images,
+# result.json and the exported SavedModel. That the student learns is checked
+# by tests/test_notebooks.py::test_distillation, which trains with the same
+# distill.make_distill_step and scores with the same distill.evaluate (150
+# steps here gave agreement 0.70-0.74 vs the teacher's commonest-class share
+# 0.28-0.32, student accuracy 0.49-0.51, in 60-80 s; 40 steps take ~25 s).
 DISTILL_ARGS = ['--dataset=shapes10', '--eval_split=test', '--use_tpu=False',
                 '--resnet_depth=18', '--width_multiplier=0.125',
                 '--image_size=32', '--train_batch_size=64',
-                '--train_steps=150', '--optimizer=adam',
+                '--train_steps=40', '--optimizer=adam',
                 '--learning_rate=0.04', '--weight_decay=0',
                 '--warmup_epochs=0', '--eval_batch_size=500',
-                '--checkpoint_steps=75', '--train_summary_steps=50',
-                '--global_bn=False']
+                '--eval_steps=1', '--checkpoint_steps=20',
+                '--train_summary_steps=10', '--global_bn=False']
 
 
 @pytest.fixture(scope='module')
@@ -135,7 +135,8 @@ def distilled(tiny_teacher, shapes10_dir, tmp_path_factory):
   model_dir = tmp_path_factory.mktemp('student')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   proc = subprocess.run(
-      [sys.executable, str(ROOT / 'distill.py'), f'--teacher={tiny_teacher}',
+      [sys.executable, str(ROOT / 'run.py'), '--train_mode=distill',
+       f'--teacher={tiny_teacher}',
        f'--model_dir={model_dir}', f'--data_dir={shapes10_dir}',
        *DISTILL_ARGS], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=600)
@@ -143,23 +144,25 @@ def distilled(tiny_teacher, shapes10_dir, tmp_path_factory):
   return model_dir, proc
 
 
-def test_cli_student_agrees_with_teacher_well_above_chance(distilled):
+def test_cli_reports_the_evaluation_it_wrote(distilled):
   model_dir, proc = distilled
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert printed == json.loads((model_dir / 'result.json').read_text())
   print(printed)  # the numbers, for -s
-  assert printed['global_step'] == 150 and printed['num_examples'] == 1000
-  assert printed['teacher_top_1_accuracy'] > 0.5
-  # Far above what a student predicting the teacher's commonest class gets.
-  assert printed['agreement'] > printed['teacher_class_frequency_max'] + 0.15
-  assert printed['student_top_1_accuracy'] > 0.25  # chance: 0.1
-  assert 'step 150/150' in proc.stderr and 'distill_loss=' in proc.stderr
+  assert printed['global_step'] == 40 and printed['num_examples'] == 500
+  assert printed['teacher_top_1_accuracy'] > 0.5  # the teacher, scored
+  for key in ('agreement', 'teacher_class_frequency_max',
+              'student_top_1_accuracy'):
+    assert 0 <= printed[key] <= 1, key
+  for step in (10, 20, 30, 40):
+    assert f'step {step}/40' in proc.stderr
+  assert 'distill_loss=' in proc.stderr
 
 
 def test_cli_writes_student_checkpoint_and_savedmodel(distilled):
   model_dir, _ = distilled
-  assert (model_dir / 'ckpt-75.index').exists()
-  assert (model_dir / 'ckpt-150.index').exists()
+  assert (model_dir / 'ckpt-20.index').exists()
+  assert (model_dir / 'ckpt-40.index').exists()
   cfg = config_lib.Config(resnet_depth=18, width_multiplier=0.125,
                           image_size=32, train_mode='finetune')
   student = model_lib.Model(10, cfg)
@@ -168,7 +171,7 @@ def test_cli_writes_student_checkpoint_and_savedmodel(distilled):
   report = checkpoints.restore_model(student, str(model_dir))
   assert not report.missing
   images = tf.random.stateless_uniform([3, 32, 32, 3], seed=[1, 2])
-  loaded = tf.saved_model.load(str(model_dir / 'saved_model' / '150'))
+  loaded = tf.saved_model.load(str(model_dir / 'saved_model' / '40'))
   _, logits = student(images, training=False)
   np.testing.assert_allclose(loaded(images, trainable=False)['logits_sup'],
                              logits, atol=1e-4)

@@ -2,7 +2,6 @@
 flags, in every mode; restores, errors, export and reload."""
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
+import config as config_lib
 import conftest
+import helpers
+import model as model_lib
+import run
 
 ROOT = conftest.ROOT
 TFDS = conftest.SHARED / 'tfds'
@@ -49,6 +53,27 @@ FINETUNE = ['--mode=train_then_eval', '--train_mode=finetune',
             '--train_batch_size=512', '--warmup_epochs=0', '--dataset=cifar10',
             '--image_size=32', '--eval_split=test', '--resnet_depth=18',
             '--use_tpu=False']
+
+
+def _pretrain_config(**overrides):
+  """The Config of PRETRAIN + SHRINK (what the checkpoints here hold)."""
+  return config_lib.Config(
+      resnet_depth=18, image_size=32, train_batch_size=8, weight_decay=1e-4,
+      learning_rate=1.0, temperature=0.5, use_blur=False,
+      **overrides).validate()
+
+
+def _fresh_training_state(cfg):
+  """(model, optimizer, tf.train.Checkpoint) as run.train builds them, with
+  the optimizer's slots created so a restore can be checked completely."""
+  model = model_lib.Model(10, cfg)
+  model(tf.zeros([1, 32, 32, 3]), training=False)
+  optimizer = model_lib.build_optimizer(
+      model_lib.WarmUpAndCosineDecay(1.0, 10000, cfg), cfg)
+  optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
+  checkpoint = tf.train.Checkpoint(model=model, global_step=optimizer.iterations,
+                                   optimizer=optimizer)
+  return model, optimizer, checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -105,11 +130,15 @@ def test_finished_run_asked_to_continue_does_nothing(pretrained):
                     n for n in before if not n.startswith('events')]
 
 
-def test_finetune_without_checkpoint_says_so(tmp_path):
-  conftest.require(TFDS)
-  proc = run_cli(*FINETUNE, f'--model_dir={tmp_path}', '--mode=train',
-                 *SHRINK)
-  assert 'without --checkpoint: training from scratch' in proc.stderr
+def test_finetune_without_checkpoint_says_so(tmp_path, caplog):
+  cfg = _pretrain_config(model_dir=str(tmp_path), train_mode='finetune')
+  model, _, checkpoint = _fresh_training_state(cfg)
+  before = [v.numpy() for v in model.trainable_variables]
+  run.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
+      checkpoint, str(tmp_path), max_to_keep=1))
+  assert 'without --checkpoint: training from scratch' in caplog.text
+  for old, variable in zip(before, model.trainable_variables):
+    np.testing.assert_array_equal(old, variable.numpy())  # left as created
 
 
 # The full list of bad inputs runs in process (test_bad_flags.py); these
@@ -177,9 +206,6 @@ print(losses[0], losses[-1])
   assert last < 0.5 * first
 
   # The same images through this project's model restored from ckpt-2.
-  import checkpoints  # pylint: disable=import-outside-toplevel
-  import helpers  # pylint: disable=import-outside-toplevel
-  import model as model_lib  # pylint: disable=import-outside-toplevel
   flags = json.loads((model_dir / 'flags.json').read_text())
   cfg = helpers.config_from_flags(flags)
   model = model_lib.Model(10, cfg)
@@ -221,19 +247,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   assert 2 <= step < 40
 
   # The saved state restores completely into a fresh model and optimizer.
-  import checkpoints  # pylint: disable=import-outside-toplevel
-  import model as model_lib  # pylint: disable=import-outside-toplevel
-  from config import Config  # pylint: disable=import-outside-toplevel
-  cfg = Config(resnet_depth=18, image_size=32, train_batch_size=8,
-               weight_decay=1e-4, learning_rate=1.0, temperature=0.5,
-               use_blur=False)
-  model = model_lib.Model(10, cfg)
-  model(tf.zeros([1, 32, 32, 3]), training=False)
-  optimizer = model_lib.build_optimizer(
-      model_lib.WarmUpAndCosineDecay(1.0, 10000, cfg), cfg)
-  optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
-  ckpt = tf.train.Checkpoint(model=model, global_step=optimizer.iterations,
-                             optimizer=optimizer)
+  _, optimizer, ckpt = _fresh_training_state(_pretrain_config())
   ckpt.restore(latest).assert_consumed()
   reader = tf.train.load_checkpoint(latest)
   restored = checkpoints.variables_by_key(ckpt)
@@ -323,7 +337,10 @@ def test_divergence_stops_without_saving_broken_weights(tmp_path):
 
 @pytest.mark.parametrize('damage', ['truncated_data', 'state_points_nowhere'])
 def test_damaged_latest_checkpoint_stops_or_falls_back(pretrained, tmp_path,
-                                                       damage):
+                                                       damage, caplog):
+  # run.py's own resume step, in process (the command line's one-line error
+  # for a corrupt checkpoint is test_truncated_checkpoint_given_to_finetune).
+  caplog.set_level('INFO')
   model_dir, _ = pretrained
   work = tmp_path / 'm'
   shutil.copytree(model_dir, work)
@@ -335,17 +352,27 @@ def test_damaged_latest_checkpoint_stops_or_falls_back(pretrained, tmp_path,
     state = work / 'checkpoint'
     state.write_text(state.read_text().replace('ckpt-2', 'ckpt-9'))
     named = 'ckpt-9'
-  args = [*PRETRAIN, f'--model_dir={work}', '--mode=train', *SHRINK,
-          '--train_steps=3']
-  proc = run_cli(*args, check=False)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'error: cannot resume from {work}/{named}'), last
-  assert '--resume_fallback' in last
-  proc = run_cli(*args, '--resume_fallback')
-  assert f'Resuming from {work}/ckpt-1' in proc.stderr
-  assert 'falling back to the previous one' in proc.stderr
-  assert tf.train.latest_checkpoint(str(work)).endswith('ckpt-3')
+  cfg = _pretrain_config(model_dir=str(work))
+  _, optimizer, checkpoint = _fresh_training_state(cfg)
+  manager = tf.train.CheckpointManager(checkpoint, str(work), max_to_keep=5)
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    run.restore_or_initialise(cfg, checkpoint.model, manager)
+  assert str(error.value).startswith(f'cannot resume from {work}/{named}')
+  assert '--resume_fallback' in str(error.value)
+
+  _, optimizer, checkpoint = _fresh_training_state(
+      cfg.replace(resume_fallback=True))
+  manager = tf.train.CheckpointManager(checkpoint, str(work), max_to_keep=5)
+  run.restore_or_initialise(cfg.replace(resume_fallback=True),
+                            checkpoint.model, manager)
+  assert f'Resuming from {work}/ckpt-1' in caplog.text
+  assert 'falling back to the previous one' in caplog.text
+  assert int(optimizer.iterations) == 1  # ckpt-1's step, not a fresh 0
+  reader = tf.train.load_checkpoint(str(work / 'ckpt-1'))
+  for key, variable in checkpoints.variables_by_key(checkpoint).items():
+    if key != 'save_counter':
+      np.testing.assert_array_equal(
+          variable.numpy(), reader.get_tensor(key + checkpoints.SUFFIX), key)
 
 
 def test_truncated_checkpoint_given_to_finetune_is_named(pretrained,

@@ -1,9 +1,11 @@
 """The speed options train like the plain float32 step.
 
-Mixed precision (`--precision=mixed_bfloat16`): same deterministic weights,
-same batches, the bfloat16 model's outputs, losses over several steps and
-update directions stay within stated tolerances of float32, while variables,
-batch-norm statistics, losses and outputs stay float32.
+Mixed precision (`--precision=mixed_bfloat16` / `mixed_float16`): same
+deterministic weights, same batches, the low-precision model's outputs,
+losses over several steps and update directions stay within stated
+tolerances of float32, while variables, batch-norm statistics, losses and
+outputs stay float32; float16's loss scaling is undone before the update and
+a step with overflowing gradients is skipped.
 XLA (`--jit_compile`): one step gives float32's losses and updates.
 (Speed is measured by bench/train_step.py, not here.)
 """
@@ -12,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
 import checkpoints
 import conftest
 import model as model_lib
+import resnet
 import training
 from config import Config
 
@@ -41,7 +45,8 @@ def det_weights():
 
 
 def train(precision, steps=STEPS, **options):
-  """Outputs, per-step loss terms and weight updates of a short run."""
+  """(model, outputs, per-step loss terms, per-step weight updates, step,
+  optimizer) of a short run."""
   cfg = CFG.replace(precision=precision, **options)
   with model_lib.precision_policy(precision):
     model = model_lib.Model(10, cfg)
@@ -60,12 +65,18 @@ def train(precision, steps=STEPS, **options):
     labels = tf.one_hot(tf.range(32) % 10, 10)
     losses.append({k: float(v) for k, v in step(views, labels).items()})
     updates.append({k: v.numpy() - initial[k] for k, v in by_key.items()})
-  return model, outputs, losses, updates
+  return model, outputs, losses, updates, step, optimizer
 
 
 @pytest.fixture(scope='module')
 def runs():
-  return train('float32'), train('mixed_bfloat16')
+  return train('float32')[:4], train('mixed_bfloat16')[:4]
+
+
+@pytest.fixture(scope='module')
+def float16_run():
+  # Two steps: float16 convolutions run on Eigen's slow path on CPUs.
+  return train('mixed_float16', steps=2)
 
 
 def rel(a, b):
@@ -108,12 +119,109 @@ def test_bfloat16_losses_and_updates_track_float32(runs):
   assert cosines[len(cosines) // 2] > MEDIAN_COSINE, cosines
 
 
+def test_float16_computes_but_keeps_float32_state(float16_run):
+  model, outputs, losses, _, _, _ = float16_run
+  assert model.resnet_model.compute_dtype == 'float16'
+  assert {v.dtype for v in model.variables} == {tf.float32}
+  assert {v.dtype for v in outputs.values()} == {tf.float32}
+  assert all(np.isfinite(list(step.values())).all() for step in losses)
+
+
+def test_float16_tracks_float32_and_unscales_its_gradients(runs,
+                                                           float16_run):
+  """float16 keeps 11 bits of mantissa (bfloat16 8), so the bfloat16
+  tolerances hold. Batch-norm and bias parameters get plain momentum
+  updates under LARS (no trust ratio), so their update size shows the
+  gradients were divided by the loss scale (2**15) again."""
+  (_, want, want_losses, want_updates), _ = runs
+  _, got, got_losses, got_updates, _, _ = float16_run
+  for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
+    assert rel(got[key], want[key]) < OUTPUT_TOL, key
+  for step_want, step_got in zip(want_losses, got_losses):
+    for key in ('contrast_loss', 'supervised_loss', 'total_loss'):
+      assert abs(step_got[key] - step_want[key]) <= LOSS_TOL * abs(
+          step_want[key]), (key, step_got[key], step_want[key])
+  want_updates, got_updates = want_updates[1], got_updates[1]
+  kernels = [k for k in want_updates if k.endswith('kernel')]
+  cosines = sorted(cosine(got_updates[k], want_updates[k]) for k in kernels)
+  assert cosines[0] > MIN_COSINE, cosines[:3]
+  plain = [k for k in want_updates if k.endswith(('gamma', 'beta', 'bias'))
+           and np.abs(want_updates[k]).max() > 0]
+  ratios = [np.linalg.norm(got_updates[k]) / np.linalg.norm(want_updates[k])
+            for k in plain]
+  assert len(plain) > 20 and 0.5 < np.median(ratios) < 2, np.median(ratios)
+
+
+def test_float16_skips_a_step_whose_scaled_gradients_overflow(float16_run):
+  """A loss scale of 2**40 overflows float16 gradients (max 65504): the step
+  is skipped (counted, as in Keras) and the scale halves."""
+  model, _, _, _, _, _ = float16_run
+  cfg = CFG.replace(precision='mixed_float16')
+  optimizer = keras.mixed_precision.LossScaleOptimizer(
+      model_lib.build_optimizer(
+          model_lib.WarmUpAndCosineDecay(cfg.learning_rate, 1000, cfg), cfg),
+      initial_scale=2.**40)
+  step = tf.function(training.make_train_step(model, optimizer, cfg))
+  before = [v.numpy() for v in model.trainable_variables]
+  views = tf.random.stateless_uniform([32, 32, 32, 6], [5, 6])
+  terms = step(views, tf.one_hot(tf.range(32) % 10, 10))
+  assert np.isfinite(float(terms['total_loss']))  # the forward pass is fine
+  assert int(optimizer.iterations) == 1
+  assert float(optimizer.loss_scale) == 2.**39
+  for old, variable in zip(before, model.trainable_variables):
+    np.testing.assert_array_equal(old, variable.numpy(), variable.name)
+
+
+def test_fused_batch_norm_matches_the_unfused_layer(runs):
+  """`--fused_batch_norm` in float32, one step from the same weights.
+  Measured: outputs within 7.4e-7, losses 3.4e-7, moving statistics' updates
+  2.1e-5 (keeping the fused kernel's Bessel-corrected variance would be off
+  by 1/n, 1e-3 in block group 4 here), kernel updates 1.1e-2 (relative l2;
+  these gradients are ill-conditioned, as in the XLA test)."""
+  (_, want, want_losses, want_updates), _ = runs
+  _, got, got_losses, got_updates, _, _ = train('float32', steps=1,
+                                                fused_batch_norm=True)
+  for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
+    assert rel(got[key], want[key]) < 1e-5, key
+  for key, value in got_losses[0].items():
+    assert abs(value - want_losses[0][key]) <= 1e-5 * max(
+        1, abs(want_losses[0][key])), key
+  moving = [k for k in want_updates[0] if '/moving_' in k]
+  assert len(moving) == 48
+  worst = max(rel(got_updates[0][k], want_updates[0][k]) for k in moving)
+  assert worst < 1e-4, worst
+  worst = max(rel(got_updates[0][k], want_updates[0][k])
+              for k in want_updates[0] if k.endswith('kernel'))
+  assert worst < 5e-2, worst
+
+
+def test_fused_batch_norm_synchronises_over_replicas(mirrored2):
+  """With two replicas a cross-replica layer keeps the all-reduce path: the
+  same outputs and moving statistics as the unfused layer, bit for bit."""
+  images = tf.random.stateless_normal([2, 4, 4, 4, 8], [3, 4])
+  results = []
+  for fused in (False, True):
+    with mirrored2.scope():
+      layer = resnet.BatchNormRelu(global_bn=True, fused=fused)
+      layer.build([2, 4, 4, 8])
+    outputs = mirrored2.run(
+        tf.function(lambda x: layer(x, training=True)),
+        (mirrored2.experimental_distribute_values_from_function(
+            lambda context: images[context.replica_id_in_sync_group]),))
+    results.append([*(o.numpy() for o in mirrored2.experimental_local_results(
+        outputs)), layer.bn.moving_mean.numpy(),
+                    layer.bn.moving_variance.numpy()])
+  assert layer.bn.fused_local
+  for unfused, fused in zip(*results):
+    np.testing.assert_array_equal(unfused, fused)
+
+
 def test_xla_step_matches_plain_step(runs):
   """Measured: loss terms within 1.6e-6 (relative); each kernel's update
   within 1.3e-2 (relative l2: XLA reorders the sums of the backward pass and
   these gradients are ill-conditioned; a plain rerun differs by 0.0)."""
   (_, _, want, want_updates), _ = runs
-  _, _, got, got_updates = train('float32', steps=1, jit_compile=True)
+  _, _, got, got_updates, _, _ = train('float32', steps=1, jit_compile=True)
   for key, value in got[0].items():
     assert abs(value - want[0][key]) <= 1e-5 * max(1, abs(want[0][key])), key
   worst = max(rel(got_updates[0][k], want_updates[0][k])

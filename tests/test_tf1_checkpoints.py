@@ -288,8 +288,8 @@ def test_convert_then_finetune_two_steps(r18_tf1, tmp_path, shapes10_dir):
   """TF1 -> TF2 checkpoint + SavedModel (outputs checked) -> run.py finetune."""
   out = tmp_path / 'converted'
   result = subprocess.run(
-      [sys.executable, 'convert_checkpoint.py', f'--from={r18_tf1}',
-       f'--to={out}', '--resnet_depth=18', '--image_size=32'],
+      [sys.executable, 'run.py', '--mode=convert', f'--checkpoint={r18_tf1}',
+       f'--model_dir={out}', '--resnet_depth=18', '--image_size=32'],
       cwd=conftest.ROOT, capture_output=True, text=True, timeout=300,
       check=False)
   assert result.returncode == 0, result.stderr[-2000:]
