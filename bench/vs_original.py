@@ -10,7 +10,8 @@ model_dir for --e2e_loop_steps * --e2e_loops steps, checkpointing (and so
 logging) every --e2e_loop_steps steps: the same loop structure in both, with
 the README's CIFAR-10 pretraining flags. Ours runs at each of --precisions;
 the original is float32 (it has no mixed precision) and runs unmodified
-with TF_USE_LEGACY_KERAS=1 (its `tf.keras` must be Keras 2, i.e. tf_keras).
+with TF_USE_LEGACY_KERAS=1 (it needs Keras 2, i.e. tf_keras, behind TensorFlow's
+Keras namespace).
 
 images/s comes from the absl timestamps of the progress lines (ours
 `step N/T | ...`, the original's `Completed: N / T steps`): the steps

@@ -216,6 +216,29 @@ def test_fused_batch_norm_synchronises_over_replicas(mirrored2):
     np.testing.assert_array_equal(unfused, fused)
 
 
+def test_fused_batch_norm_freezes_like_the_unfused_layer():
+  """Frozen layers: built with trainable=False (the frozen stem and groups,
+  as in the original: batch statistics, moving averages updated), and
+  frozen afterwards (the setter reaches the batch norm, which Keras then
+  runs in inference mode). The fused path does what the unfused one does."""
+  images = tf.random.stateless_normal([4, 4, 4, 8], [7, 8]) * 3 + 1
+  for freeze_after in (False, True):
+    results = []
+    for fused in (False, True):
+      layer = resnet.BatchNormRelu(global_bn=True, fused=fused,
+                                   trainable=False)
+      layer.build(images.shape)
+      if freeze_after:
+        layer.trainable = False
+      outputs = layer(images, training=True).numpy()
+      results.append((outputs, layer.bn.moving_mean.numpy(),
+                      layer.bn.moving_variance.numpy()))
+    moved = np.abs(results[0][1]).max() > 0
+    assert moved != freeze_after
+    for unfused, fused in zip(*results):
+      np.testing.assert_allclose(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
 def test_xla_step_matches_plain_step(runs):
   """Measured: loss terms within 1.6e-6 (relative); each kernel's update
   within 1.3e-2 (relative l2: XLA reorders the sums of the backward pass and
