@@ -32,6 +32,7 @@ import tf_keras as keras
 
 import checkpoints
 import config as config_lib
+import convert_checkpoint
 import data as data_lib
 import export
 import knn_monitor
@@ -180,7 +181,7 @@ flags.DEFINE_enum('precision', _D.precision, list(config_lib.PRECISIONS),
                   'scaling: GPUs).')
 flags.DEFINE_bool('fused_batch_norm', _D.fused_batch_norm,
                   'Batch norm on the fused kernel where its statistics are '
-                  'local (one replica, or --global_bn=False): 1.3x the '
+                  'local (one replica, or --global_bn=False): 1.07-1.5x the '
                   'float32 step on CPU; equal up to float rounding. Unset: on '
                   'with mixed precision, off with float32 (the original\'s '
                   'arithmetic).')
@@ -800,7 +801,6 @@ def run_convert():
   """--mode=convert: --checkpoint to --model_dir (convert_checkpoint.py);
   prints the summary and exits 1 when the outputs differ by more than
   --convert_tolerance."""
-  import convert_checkpoint  # pylint: disable=import-outside-toplevel
   if not FLAGS.checkpoint or not FLAGS.model_dir:
     raise config_lib.ConfigError('--mode=convert needs --checkpoint (the '
                                  'checkpoint to convert) and --model_dir (an '
