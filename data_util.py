@@ -10,6 +10,12 @@ uint8 and converts it). The pieces follow the original SimCLR (v2) recipe:
 * evaluation: an aspect-preserving center crop keeping 87.5% of the image
   followed by a bicubic resize (or no crop at all for 32x32 data).
 
+The training view exists twice: per example (`preprocess_for_train`, the
+original's ops, for tf.data's per-example map) and per batch
+(`batch_preprocess_for_train`, vectorised and XLA-compiled, which data.py
+uses for small images of one size); with the same random draws the two agree
+up to float rounding (see the notes of the batched section).
+
 Every random function takes an optional `seed`. Left as None it draws from
 TensorFlow's ordinary (stateful, global-seed driven) random ops, so training
 pipelines behave as usual. Given an int or a shape-[2] integer tensor it uses
@@ -17,6 +23,7 @@ stateless ops only (`batch_random_blur`: a seeded `tf.random.Generator`), so
 the same seed gives the same output; this is meant for tests and reproducible
 debugging. Sub-steps receive independent seeds derived with `tf.random.split`.
 """
+import numpy as np
 import tensorflow as tf
 
 
@@ -588,23 +595,27 @@ def preprocess_image(image, height, width, is_training=False,
 #   [0, H - h - 1]; up to 100 attempts, fallback to the whole image), so the
 #   distribution of windows is the op's; the random streams differ, so a seed
 #   does not give the same window as the per-example code;
-# * resize: tf.image.crop_and_resize, i.e. BILINEAR (the original: bicubic)
-#   with the sample grid spanning the window from its first to its last pixel
-#   centre (align-corners style; tf.image.resize uses half-pixel centres), a
-#   sub-pixel difference in where samples fall; bilinear never overshoots
-#   [0, 1];
-# * flip: folded into the crop box (x1 > x2 mirrors the crop) or, without a
+# * resize: bicubic with the weights of TF's ResizeBicubic kernel (Keys
+#   cubic, a = -0.5, half-pixel centres, fractional offsets rounded to 1/1024,
+#   taps outside the window dropped and the rest renormalised), written as one
+#   [out, in] interpolation matrix per example and axis, so the crop of the
+#   whole batch is two batched matmuls (the per-example path slices the window
+#   and calls tf.image.resize); equal to it up to float rounding. The
+#   matrices cost O(out * in) per axis, which is why data.py uses this path
+#   for small images only;
+# * flip: folded into the column matrix (its rows reversed) or, without a
 #   crop, tf.where over the batch;
 # * saturation and hue: per-example factors applied in HSV
 #   (tf.image.rgb_to_hsv / hsv_to_rgb), which is what adjust_saturation and
 #   adjust_hue do, equal up to float rounding;
 # * random order: a per-example permutation of the four jitter steps, as in
 #   the original. It is realised by four positions over the whole batch; at
-#   each one every example runs an affine step (brightness and contrast) and
-#   an HSV step (saturation and hue) whose parameters are neutral (factor 1,
-#   shift 0) except for the one step the example takes there, so each example
-#   undergoes exactly its own sequence plus neutral round trips (float
-#   rounding only), with the original's clip after every step;
+#   each one an affine step (brightness and contrast) and an HSV step
+#   (saturation and hue) are computed for the batch and kept, each followed
+#   by the original's clip, only for the examples whose step at that position
+#   it is (tf.where). So every example undergoes exactly its own sequence,
+#   and an example whose jitter is off stays unclipped until the grayscale
+#   and the final clip, as in the original (bicubic crops overshoot [0, 1]);
 # * the color arithmetic is one XLA-compiled function (jit_compile=True by
 #   default): XLA may reorder / fuse float operations (rounding-level
 #   differences);
@@ -685,80 +696,189 @@ def batch_sample_crop_windows(batch_size, image_height, image_width,
   return tf.cast(tf.stack([oy, ox, h, w], axis=1), tf.int32)
 
 
-def batch_crop_and_resize(images, height, width, flip=None, seed=None):
-  """Per-example random resized crop (bilinear) of a batch, optional flip.
+# Keys cubic convolution (a = -0.5) sampled at offsets i / 1024 as TF's
+# ResizeBicubic kernel tabulates it (in double precision, stored as float32):
+# column 0 weighs the taps at distance t, column 1 those at distance 1 + t.
+_CUBIC_TABLE_SIZE = 1024
+
+
+def _cubic_table():
+  a = -0.5
+  x = np.arange(_CUBIC_TABLE_SIZE + 1, dtype=np.float64) / _CUBIC_TABLE_SIZE
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+  return np.stack([near, far], axis=1).astype(np.float32)
+
+
+_CUBIC_TABLE = _cubic_table()
+
+
+def bicubic_resize_matrix(out_size, window_size, window_offset, source_size,
+                          reverse=None):
+  """Per-example matrices that bicubically resample a window along one axis.
+
+  Row i of example b holds the weights that tf.image.resize(..., 'bicubic')
+  (antialias off: the ResizeBicubic kernel with half-pixel centres) gives the
+  source pixels when resizing the window [offset, offset + size) of that axis
+  to `out_size` pixels: Keys cubic weights from the kernel's 1/1024 table,
+  taps outside the window dropped and the others renormalised to sum to 1.
+
+  Args:
+    out_size: Python int, output pixels along the axis.
+    window_size, window_offset: float32 [B] (whole pixels), the window.
+    source_size: int or scalar tensor, the source's pixels along the axis.
+    reverse: optional bool [B]: mirror these examples' output (a flip).
+
+  Returns:
+    float32 [B, out_size, source_size].
+  """
+  size = window_size[:, None]
+  scale = size / float(out_size)
+  centre = (tf.range(out_size, dtype=tf.float32)[None] + 0.5) * scale - 0.5
+  base = tf.floor(centre)
+  step = tf.cast(tf.math.rint((centre - base) * _CUBIC_TABLE_SIZE), tf.int32)
+  near, far = tf.unstack(tf.constant(_CUBIC_TABLE), axis=1)
+  mirrored = _CUBIC_TABLE_SIZE - step
+  weights = [tf.gather(far, step), tf.gather(near, step),
+             tf.gather(near, mirrored), tf.gather(far, mirrored)]
+  taps = (-1., 0., 1., 2.)
+  weights = [tf.where((base + tap >= 0.) & (base + tap < size), weight, 0.)
+             for tap, weight in zip(taps, weights)]
+  total = weights[0] + weights[1] + weights[2] + weights[3]
+  norm = tf.where(tf.abs(total) > 0., 1. / total, 1.)
+  # Source pixel s gets the weight of tap s - (offset + base), if any.
+  tap_of = (tf.range(source_size, dtype=tf.float32)[None, None] -
+            window_offset[:, None, None] - base[..., None])
+  matrix = tf.zeros_like(tap_of)
+  for tap, weight in zip(taps, weights):
+    matrix = tf.where(tf.equal(tap_of, tap), (weight * norm)[..., None],
+                      matrix)
+  if reverse is not None:
+    matrix = tf.where(reverse[:, None, None], tf.reverse(matrix, axis=[1]),
+                      matrix)
+  return matrix
+
+
+def _batch_crop_core(images, windows, flip, height, width):
+  """Bicubic resize of per-example windows; flip: bool [B] (mirrored)."""
+  shape = tf.shape(images)
+  oy, ox, h, w = tf.unstack(tf.cast(windows, tf.float32), axis=1)
+  rows = bicubic_resize_matrix(height, h, oy, shape[1])
+  cols = bicubic_resize_matrix(width, w, ox, shape[2], reverse=flip)
+  images = tf.cast(images, tf.float32)
+  # Vertical pass, then horizontal, as the kernel interpolates.
+  images = tf.einsum('bih,bhwc->biwc', rows, images)
+  return tf.einsum('bjw,biwc->bijc', cols, images)
+
+
+# About 3x faster than op by op on CPU for 32-px outputs.
+_batch_crop_core_xla = tf.function(_batch_crop_core, jit_compile=True)
+
+
+def batch_crop_and_resize(images, height, width, flip=None, seed=None,
+                          windows=None, jit_compile=True):
+  """Per-example random resized crop (bicubic) of a batch, optional flip.
 
   Args:
     images: [B, H, W, C] uint8 (values kept in 0..255) or float.
-    height, width: output size.
-    flip: optional bool [B]: mirror these examples (free: the crop box is
-      reversed).
-    seed: optional stateless seed.
+    height, width: output size (Python ints).
+    flip: optional bool [B]: mirror these examples.
+    seed: optional stateless seed for the windows.
+    windows: optional int32 [B, 4] (offset_y, offset_x, height, width)
+      windows to use instead of drawing them.
+    jit_compile: compile the resampling with XLA.
 
   Returns:
-    [B, height, width, C] float32 (same value scale as the input).
+    [B, height, width, C] float32 (same value scale as the input; bicubic
+    can overshoot the input's range, as tf.image.resize does).
   """
   shape = tf.shape(images)
-  batch, image_height, image_width = shape[0], shape[1], shape[2]
-  aspect_ratio = width / height
-  windows = tf.cast(batch_sample_crop_windows(
-      batch, image_height, image_width,
-      aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
-      area_range=(0.08, 1.0), min_object_covered=0.1, max_attempts=100,
-      seed=seed), tf.float32)
-  oy, ox, h, w = tf.unstack(windows, axis=1)
-  span_y = tf.maximum(tf.cast(image_height, tf.float32) - 1, 1.)
-  span_x = tf.maximum(tf.cast(image_width, tf.float32) - 1, 1.)
-  y1, y2 = oy / span_y, (oy + h - 1) / span_y
-  x1, x2 = ox / span_x, (ox + w - 1) / span_x
-  if flip is not None:
-    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
-  boxes = tf.stack([y1, x1, y2, x2], axis=1)
-  return tf.image.crop_and_resize(images, boxes, tf.range(batch),
-                                  [height, width], method='bilinear')
+  if windows is None:
+    aspect_ratio = width / height
+    windows = batch_sample_crop_windows(
+        shape[0], shape[1], shape[2],
+        aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
+        area_range=(0.08, 1.0), min_object_covered=0.1, max_attempts=100,
+        seed=seed)
+  if flip is None:
+    flip = tf.zeros([shape[0]], tf.bool)
+  core = _batch_crop_core_xla if jit_compile else _batch_crop_core
+  return core(images, windows, flip, height, width)
 
 
 def _batch_color_core(images, input_scale, scale, offset, contrast,
-                      saturation, hue, gray):
+                      saturation, hue, affine_on, saturation_on, hue_on,
+                      gray):
   """The arithmetic of the batched color distortion, for XLA fusion.
 
-  Four positions; at each one every example runs, in this order, an affine
-  step x * (scale * contrast) + (1 - contrast) * mean + offset (brightness
-  and contrast) and an HSV step (saturation factor, hue shift), then a clip
-  to [0, 1]. The per-position parameters are neutral (1 or 0) for the steps
-  an example does not take at that position, so each example goes through
-  exactly its own sequence of the four jitter steps. Both steps clip.
+  Four positions; at each one an affine step x * (scale * contrast) +
+  (1 - contrast) * mean + offset (brightness and contrast) and then a
+  saturation-or-hue step are computed for the whole batch, each followed by
+  a clip to [0, 1], and kept only for the examples that take that step there
+  (the masks); the parameters of steps not taken are neutral.
+
+  Saturation and hue follow TF's kernels, including for the out-of-range
+  values a bicubic crop leaves before the first clip: AdjustSaturation works
+  in HSV (saturation 0 where the maximum is <= 0), AdjustHue keeps each
+  pixel's minimum and maximum and moves the hue between them. Both are
+  written as one rebuild from hue, maximum and a new minimum (the old one
+  for a hue step).
 
   Args:
     images: [B, H, W, 3] float32 (any scale; multiplied by input_scale).
     input_scale: scalar, 1/255 for uint8-valued input, else 1.
     scale, offset, contrast, saturation, hue: float32 [4, B].
-    gray: float32 [B], 1 where the example becomes grayscale.
+    affine_on, saturation_on, hue_on: bool [4, B].
+    gray: bool [B], the examples that become grayscale.
 
   Returns:
     [B, H, W, 3] float32 in [0, 1].
   """
-  images = images * input_scale
+  # Channel planes [B, H, W] side by side: every per-pixel max, min and
+  # blend below is a plain elementwise op (about 2x faster under XLA on CPU
+  # than working across a last axis of 3).
+  r, g, b = tf.unstack(tf.transpose(images, [3, 0, 1, 2]) * input_scale)
+  per_example = lambda t: t[:, None, None]
   for position in range(4):
-    k = contrast[position][:, None, None, None]
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    images = (images * (scale[position][:, None, None, None] * k) +
-              (1. - k) * mean + offset[position][:, None, None, None])
-    # Clip before HSV too: out-of-range values do not survive a round trip
-    # (at most one of the two steps is active here, so this is the
-    # original's clip after that step).
-    images = tf.clip_by_value(images, 0., 1.)
-    # adjust_saturation and adjust_hue both work in HSV; with neutral
-    # factors this is a round trip.
-    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    h = h + hue[position][:, None, None]
-    h = h - tf.floor(h)
-    s = tf.clip_by_value(s * saturation[position][:, None, None], 0., 1.)
-    images = tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
-    images = tf.clip_by_value(images, 0., 1.)
-  g = gray[:, None, None, None]
-  luma = tf.image.rgb_to_grayscale(images)
-  images = images * (1. - g) + luma * g
+    k = per_example(contrast[position])
+    factor = per_example(scale[position]) * k
+    shift = per_example(offset[position])
+    on = per_example(affine_on[position])
+    r, g, b = [
+        tf.where(on, tf.clip_by_value(
+            plane * factor + (1. - k) * tf.reduce_mean(
+                plane, axis=[1, 2], keepdims=True) + shift, 0., 1.), plane)
+        for plane in (r, g, b)]
+    high = tf.maximum(tf.maximum(r, g), b)
+    low = tf.minimum(tf.minimum(r, g), b)
+    span = high - low
+    # Hue in sextants [0, 6), as RGBToHSV computes it (0 for grays).
+    sextant = tf.where(r == high, (g - b) / span,
+                       tf.where(g == high, (b - r) / span + 2.,
+                                (r - g) / span + 4.))
+    sextant = tf.where(span > 0., sextant, 0.)
+    sextant += 6. * per_example(hue[position])
+    sextant -= 6. * tf.floor(sextant * (1. / 6.))
+    saturation_now = tf.where(high > 0., span / high, 0.)
+    low = tf.where(
+        per_example(saturation_on[position]),
+        high * (1. - tf.clip_by_value(
+            saturation_now * per_example(saturation[position]), 0., 1.)),
+        low)
+    on = per_example(saturation_on[position] | hue_on[position])
+    # Each channel's share of (max - min) above the minimum, as HSVToRGB.
+    shares = (tf.abs(sextant - 3.) - 1., 2. - tf.abs(sextant - 2.),
+              2. - tf.abs(sextant - 4.))
+    r, g, b = [
+        tf.where(on, tf.clip_by_value(
+            low + (high - low) * tf.clip_by_value(share, 0., 1.), 0., 1.),
+                 plane)
+        for plane, share in zip((r, g, b), shares)]
+  # tf.image.rgb_to_grayscale's weights.
+  luma = 0.2989 * r + 0.587 * g + 0.114 * b
+  gray = per_example(gray)
+  images = tf.stack([tf.where(gray, luma, plane) for plane in (r, g, b)],
+                    axis=-1)
   return tf.clip_by_value(images, 0., 1.)
 
 
@@ -781,7 +901,10 @@ def batch_color_params(batch, strength, apply=None, random_order=True,
 
   Returns:
     dict of float32 [4, B] tensors scale, offset, contrast, saturation, hue
-    (row p: the parameters used at position p) and int32 [B, 4] order.
+    (row p: the parameters used at position p), bool [4, B] affine_on,
+    saturation_on and hue_on (the examples that take a brightness or
+    contrast step, the saturation step, the hue step at position p) and int32
+    [B, 4] order.
   """
   if impl not in ('simclrv2', 'simclrv1'):
     raise ValueError(f'Unknown impl {impl!r} for random brightness; '
@@ -812,9 +935,16 @@ def batch_color_params(batch, strength, apply=None, random_order=True,
       rows[which].append(tf.where(on, draws[which], neutral[which]))
   rows = [tf.stack(r) for r in rows]
   ones, zeros = tf.ones_like(rows[0]), tf.zeros_like(rows[0])
+  # A step with amount 0 is skipped (no clip either), as in color_jitter.
+  amounts = [amount, amount, amount, 0.2 * strength]
+  taken = [[apply & tf.equal(order[:, position], which) & (amounts[which] != 0)
+            for which in range(4)] for position in range(4)]
   return {'scale': rows[0] if impl == 'simclrv2' else ones,
           'offset': zeros if impl == 'simclrv2' else rows[0],
           'contrast': rows[1], 'saturation': rows[2], 'hue': rows[3],
+          'affine_on': tf.stack([t[0] | t[1] for t in taken]),
+          'saturation_on': tf.stack([t[2] for t in taken]),
+          'hue_on': tf.stack([t[3] for t in taken]),
           'order': order}
 
 
@@ -843,20 +973,61 @@ def batch_color_jitter(images, strength, apply=None, random_order=True,
   core = _batch_color_core_xla if jit_compile else _batch_color_core
   return core(images, tf.constant(1.), params['scale'], params['offset'],
               params['contrast'], params['saturation'], params['hue'],
-              tf.zeros([batch]))
+              params['affine_on'], params['saturation_on'],
+              params['hue_on'], tf.zeros([batch], tf.bool))
+
+
+def batch_train_draws(batch, image_height, image_width, height, width,
+                      color_jitter_strength=0., crop=True, flip=True,
+                      impl='simclrv2', jitter_probability=0.8,
+                      grayscale_probability=0.2, seed=None):
+  """The random choices of `batch_preprocess_for_train` for one batch.
+
+  Args:
+    batch: batch size (int or scalar tensor).
+    image_height, image_width: size of the source images.
+    height, width: output size.
+    color_jitter_strength, crop, flip, impl, jitter_probability,
+      grayscale_probability, seed: see `batch_preprocess_for_train`.
+
+  Returns:
+    dict: 'windows' int32 [B, 4] (offset_y, offset_x, height, width; absent
+    without crop), 'flip' bool [B] (absent without flip), and with color
+    'jitter' and 'gray' bool [B] plus the `batch_color_params` entries.
+  """
+  crop_seed, flip_seed, coin_seed, jitter_seed, gray_seed = _split_seed(
+      seed, 5)
+  draws = {}
+  if crop:
+    aspect_ratio = width / height
+    draws['windows'] = batch_sample_crop_windows(
+        batch, image_height, image_width,
+        aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
+        area_range=(0.08, 1.0), min_object_covered=0.1, max_attempts=100,
+        seed=crop_seed)
+  if flip:
+    draws['flip'] = _uniform([batch], 0., 1., flip_seed) < 0.5
+  if color_jitter_strength:
+    draws['jitter'] = _uniform([batch], 0., 1., coin_seed) < jitter_probability
+    draws['gray'] = _uniform([batch], 0., 1., gray_seed) < (
+        grayscale_probability)
+    draws.update(batch_color_params(batch, color_jitter_strength,
+                                    apply=draws['jitter'], impl=impl,
+                                    seed=jitter_seed))
+  return draws
 
 
 def batch_preprocess_for_train(images, height, width, color_jitter_strength=0.,
                                crop=True, flip=True, impl='simclrv2',
                                jitter_probability=0.8,
                                grayscale_probability=0.2, jit_compile=True,
-                               seed=None):
+                               seed=None, draws=None):
   """One training view of every image of a batch, all ops vectorised.
 
   The batched counterpart of `preprocess_for_train` (see the notes at the top
-  of this section for its differences): per-example random resized crop,
-  horizontal flip, color jitter (p=0.8 per example, per-example factors and
-  order) and grayscale (p=0.2 per example), clipped to [0, 1].
+  of this section for its differences): per-example random resized crop
+  (bicubic), horizontal flip, color jitter (p=0.8 per example, per-example
+  factors and order) and grayscale (p=0.2 per example), clipped to [0, 1].
 
   Args:
     images: [B, H, W, 3] uint8 (scaled by 1/255) or float in [0, 1], all the
@@ -869,25 +1040,33 @@ def batch_preprocess_for_train(images, height, width, color_jitter_strength=0.,
     impl: brightness variant, 'simclrv2' or 'simclrv1'.
     jitter_probability, grayscale_probability: per-example probabilities of
       the two color steps (the original's 0.8 and 0.2).
-    jit_compile: run the color arithmetic as one XLA-fused function (about
-      5x faster on CPU than op by op); False runs the same ops unfused.
+    jit_compile: run the crop and the color arithmetic as XLA-compiled
+      functions (several times faster on CPU than op by op); False runs the
+      same ops uncompiled.
     seed: optional stateless seed (int or shape-[2] tensor).
+    draws: optional `batch_train_draws` of the same settings to use instead
+      of drawing (tests replay them example by example).
 
   Returns:
     [B, height, width, 3] float32 in [0, 1].
   """
   images = tf.convert_to_tensor(images)
-  crop_seed, flip_seed, coin_seed, jitter_seed, gray_seed = _split_seed(
-      seed, 5)
-  batch = tf.shape(images)[0]
-  flips = (_uniform([batch], 0., 1., flip_seed) < 0.5) if flip else None
   if images.dtype.is_integer and images.dtype != tf.uint8:
     raise ValueError(f'images must be uint8 or float, got {images.dtype}')
+  shape = tf.shape(images)
+  if draws is None:
+    draws = batch_train_draws(
+        shape[0], shape[1], shape[2], height, width,
+        color_jitter_strength=color_jitter_strength, crop=crop, flip=flip,
+        impl=impl, jitter_probability=jitter_probability,
+        grayscale_probability=grayscale_probability, seed=seed)
+  flips = draws.get('flip') if flip else None
   # uint8 stays 0..255 through the crop; the scaling is fused later.
   input_scale = 1. / 255. if images.dtype == tf.uint8 else 1.
   if crop:
     images = batch_crop_and_resize(images, height, width, flip=flips,
-                                   seed=crop_seed)
+                                   windows=draws['windows'],
+                                   jit_compile=jit_compile)
   else:
     static = images.shape
     if static.rank is not None and static[1:].is_fully_defined() and (
@@ -899,14 +1078,11 @@ def batch_preprocess_for_train(images, height, width, color_jitter_strength=0.,
       images = tf.where(flips[:, None, None, None],
                         tf.reverse(images, axis=[2]), images)
   if color_jitter_strength:
-    jitter_on = _uniform([batch], 0., 1., coin_seed) < jitter_probability
-    gray_on = _uniform([batch], 0., 1., gray_seed) < grayscale_probability
-    params = batch_color_params(batch, color_jitter_strength, apply=jitter_on,
-                                impl=impl, seed=jitter_seed)
     core = _batch_color_core_xla if jit_compile else _batch_color_core
-    images = core(images, tf.constant(input_scale), params['scale'],
-                  params['offset'], params['contrast'], params['saturation'],
-                  params['hue'], tf.cast(gray_on, tf.float32))
+    images = core(images, tf.constant(input_scale), draws['scale'],
+                  draws['offset'], draws['contrast'], draws['saturation'],
+                  draws['hue'], draws['affine_on'],
+                  draws['saturation_on'], draws['hue_on'], draws['gray'])
   elif input_scale != 1.:
     images = images * input_scale
   images = tf.ensure_shape(images, [None, height, width, 3])

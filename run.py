@@ -192,6 +192,11 @@ flags.DEFINE_bool('resume_fallback', _D.resume_fallback,
                   'If the latest checkpoint in model_dir is unreadable, '
                   'resume from the newest readable earlier one instead of '
                   'stopping.')
+flags.DEFINE_bool('batched_augmentation', _D.batched_augmentation,
+                  'Augment training images a whole batch at a time when they '
+                  'share one size of at most '
+                  f'{data_lib.BATCHED_AUGMENTATION_MAX_SIZE} px (same '
+                  'operations as per image, up to float rounding; faster).')
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, ['fail', 'skip'],
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')

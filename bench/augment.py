@@ -3,19 +3,24 @@
 Prints one JSON line per measurement (images/s plus settings and machine):
 
 * `augment`: one training view per image, jitter strength 0.5, batch 256,
-  from in-memory uint8 images, for the original's per-example recipe
-  (`data_util.preprocess_image` in `tf.data` map with AUTOTUNE, then batch:
-  path "per_example") and for the batched path (batch, then
-  `data_util.batch_preprocess_for_train` in map with AUTOTUNE: "batched");
+  from in-memory uint8 images, for the two paths data.py chooses between:
+  "per_example" (`data_util.preprocess_image` in `tf.data` map with AUTOTUNE,
+  then batch: the original's recipe, used for images above
+  data.BATCHED_AUGMENTATION_MAX_SIZE or of varying size) and "batched"
+  (batch, then `data_util.batch_preprocess_for_train` in map with AUTOTUNE:
+  used for small images of one size); with --original_dir also "original",
+  the original's own `data_util.preprocess_image` in the per-example recipe,
+  in the same run;
 * `end_to_end`: two views per image stacked on channels, as pretraining
   needs, through a whole pipeline (cache, shuffle, repeat, augment, one-hot
   labels, batch, prefetch) for both paths.
 
 Sources: CIFAR-10 train images from the TFDS directory when available (else
-random uint8) at 32 px; at 224 px the same images upsampled (bilinear) to
-256x256, or random uint8 256x256 (the JSON says which).
+random uint8) at 32 px; larger sizes use the same images upsampled (bilinear)
+to size + size // 7 (256 for 224), or random uint8 (the JSON says which).
 
   python bench/augment.py [--sizes 32,224] [--batches 30] [--quick]
+      [--original_dir ../original_simclr/tf2]
 """
 import argparse
 import json
@@ -32,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from config import Config  # pylint: disable=g-import-not-at-top
+import data  # pylint: disable=g-import-not-at-top
 import data_util  # pylint: disable=g-import-not-at-top
 
 BATCH = 256
@@ -76,10 +83,26 @@ def upsample(images, size):
   return tf.concat(out, 0)
 
 
-def one_view_dataset(images, size, path):
+def load_original(original_dir):
+  """The original's data_util module (it reads no flags), or None."""
+  if not original_dir:
+    return None
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(original_dir) / 'data_util.py'
+  if not path.is_file():
+    sys.exit(f'--original_dir: no data_util.py in {original_dir}; expected '
+             "the original's tf2/ directory")
+  spec = importlib.util.spec_from_file_location('original_data_util', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def one_view_dataset(images, size, path, original=None):
   ds = tf.data.Dataset.from_tensor_slices(images).repeat()
-  if path == 'per_example':
-    ds = ds.map(lambda x: data_util.preprocess_image(
+  if path in ('per_example', 'original'):
+    module = original if path == 'original' else data_util
+    ds = ds.map(lambda x: module.preprocess_image(
         x, size, size, is_training=True, color_jitter_strength=STRENGTH),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(BATCH, drop_remainder=True)
@@ -145,7 +168,11 @@ def main():
                                                 'tfds'))
   parser.add_argument('--quick', action='store_true',
                       help='a few-second smoke run')
+  parser.add_argument('--original_dir', default=None,
+                      help="the original's tf2/ directory: also time its "
+                      'data_util.preprocess_image (one view) in this run')
   args = parser.parse_args()
+  original = load_original(args.original_dir)
   if args.quick:
     args.sizes, args.repeats = '32', 1
     args.batches = args.batches or 3
@@ -166,9 +193,16 @@ def main():
     else:
       images, lab, src = tf.constant(base_images), labels, f'{source} 32px'
     rows = {}
+    data_path = ('batched' if data.use_batched_augmentation(
+        Config(image_size=size), images.shape[1:])
+                 else 'per_example')
     for kind in ('augment', 'end_to_end'):
-      for path in ('per_example', 'batched'):
-        ds = (one_view_dataset(images, size, path) if kind == 'augment'
+      paths = ['per_example', 'batched']
+      if kind == 'augment' and original is not None:
+        paths.append('original')
+      for path in paths:
+        ds = (one_view_dataset(images, size, path, original)
+              if kind == 'augment'
               else two_view_dataset(images, lab, size, path))
         rates = measure(ds, warmup, batches, args.repeats)
         row = {'measurement': kind, 'path': path, 'size': size,
@@ -178,12 +212,17 @@ def main():
                'batch': BATCH, 'timed_batches': batches, 'warmup': warmup,
                'jitter_strength': STRENGTH, 'source': src,
                'source_images': int(images.shape[0]),
+               'used_by_data_py': path == data_path,
                'load_avg_1m': round(os.getloadavg()[0], 2), **info}
         rows[(kind, path)] = row
         if path == 'batched':
           row['speedup_vs_per_example'] = round(
               row['images_per_s'] / rows[(kind, 'per_example')]
               ['images_per_s'], 2)
+        if path == 'original':
+          for ours in ('per_example', 'batched'):
+            row[f'{ours}_over_original'] = round(
+                rows[(kind, ours)]['images_per_s'] / row['images_per_s'], 2)
         print(json.dumps(row), flush=True)
 
 

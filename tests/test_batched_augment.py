@@ -1,5 +1,6 @@
-"""Statistical checks of the batched (vectorised) SimCLR augmentation in
-data_util against its definition and the per-example implementation."""
+"""The batched (vectorised) SimCLR augmentation in data_util: replayed
+example by example with the per-example ops (tf.image.resize, adjust_*), and
+statistical checks of its random draws."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -100,23 +101,104 @@ def test_flip_folded_into_crop_mirrors():
   flips = tf.constant(np.arange(200) % 2 == 0)
   mixed = data_util.batch_crop_and_resize(x, 32, 32, flip=flips,
                                           seed=2).numpy()
-  np.testing.assert_allclose(mixed[1::2], plain[1::2], atol=1e-3)
-  np.testing.assert_allclose(mixed[0::2], plain[0::2, :, ::-1], atol=1e-3)
+  np.testing.assert_allclose(mixed[1::2], plain[1::2], rtol=0, atol=1e-3)
+  np.testing.assert_allclose(mixed[0::2], plain[0::2, :, ::-1], rtol=0,
+                             atol=1e-3)
 
 
 def test_strength_zero_is_crop_and_flip_only():
   x = _images(64)
   out = data_util.batch_preprocess_for_train(x, 32, 32, 0., seed=9)
-  crop_seed, flip_seed = data_util._split_seed(9, 5)[:2]  # pylint: disable=protected-access
-  flips = data_util._uniform([64], 0., 1., flip_seed) < 0.5  # pylint: disable=protected-access
-  expected = data_util.batch_crop_and_resize(x, 32, 32, flip=flips,
-                                             seed=crop_seed) / 255.
-  np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
-  # Crop only: every output is a resized window of its own input: the full
-  # window (no crop) reproduces the input exactly.
-  full = tf.constant(np.tile([[0., 0., 1., 1.]], [64, 1]), tf.float32)
-  same = tf.image.crop_and_resize(x, full, tf.range(64), [32, 32])
-  np.testing.assert_allclose(same.numpy(), x.numpy(), atol=1e-3)
+  draws = data_util.batch_train_draws(64, 32, 32, 32, 32, 0., seed=9)
+  assert set(draws) == {'windows', 'flip'}
+  expected = data_util.batch_crop_and_resize(
+      x, 32, 32, flip=draws['flip'], windows=draws['windows']) / 255.
+  np.testing.assert_allclose(out.numpy(), np.clip(expected.numpy(), 0, 1),
+                             rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('source,out', [((60, 80), (24, 32)),
+                                        ((20, 20), (32, 32)),
+                                        ((33, 47), (32, 32))])
+def test_resize_matrices_are_tf_bicubic_resize(source, out):
+  """Down- and upsampling, odd sizes, whole and 1-pixel windows: each
+  example's crop equals tf.image.resize(window, 'bicubic'), mirrored when
+  flipped (the matrices use the kernel's table and border weights)."""
+  rng = np.random.default_rng(5)
+  n = 40
+  image = rng.uniform(0, 1, [n, *source, 3]).astype(np.float32)
+  windows = data_util.batch_sample_crop_windows(n, *source, seed=6).numpy()
+  windows[0] = [0, 0, *source]  # whole image
+  windows[1] = [3, 5, 1, 1]  # a single pixel
+  windows[2] = [0, 0, source[0], 1]  # one column
+  flips = rng.uniform(size=n) < 0.5
+  for jit in (True, False):
+    got = data_util.batch_crop_and_resize(
+        tf.constant(image), *out, flip=tf.constant(flips),
+        windows=tf.constant(windows), jit_compile=jit).numpy()
+    for i, (oy, ox, h, w) in enumerate(windows):
+      want = tf.image.resize(image[i:i + 1, oy:oy + h, ox:ox + w], out,
+                             method='bicubic')[0].numpy()
+      if flips[i]:
+        want = want[:, ::-1]
+      np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-6)
+
+
+def _replay_per_example(images, draws, height, width, strength):
+  """preprocess_for_train's operations, one example at a time, with the
+  batch's draws: crop + bicubic resize, flip, jitter in the drawn order with
+  a clip after each step, grayscale, clip."""
+  out = []
+  for i in range(images.shape[0]):
+    x = tf.image.convert_image_dtype(images[i], tf.float32)
+    if 'windows' in draws:
+      oy, ox, h, w = draws['windows'][i].numpy()
+      x = tf.image.resize(x[None, oy:oy + h, ox:ox + w], [height, width],
+                          method='bicubic')[0]
+    if 'flip' in draws and bool(draws['flip'][i]):
+      x = x[:, ::-1]
+    if strength and bool(draws['jitter'][i]):
+      for position, which in enumerate(draws['order'][i].numpy()):
+        if which == 0:
+          x = (x * draws['scale'][position, i] +
+               draws['offset'][position, i])
+        elif which == 1:
+          x = tf.image.adjust_contrast(x, draws['contrast'][position, i])
+        elif which == 2:
+          x = tf.image.adjust_saturation(x, draws['saturation'][position, i])
+        else:
+          x = tf.image.adjust_hue(x, draws['hue'][position, i])
+        x = tf.clip_by_value(x, 0., 1.)
+    if strength and bool(draws['gray'][i]):
+      x = data_util.to_grayscale(x)
+    out.append(tf.clip_by_value(x, 0., 1.).numpy())
+  return np.stack(out)
+
+
+@pytest.mark.parametrize('source,out,strength,impl,jit', [
+    ((32, 32), (32, 32), 0.5, 'simclrv2', True),
+    ((40, 48), (24, 32), 1.0, 'simclrv2', True),
+    ((64, 64), (32, 32), 1.5, 'simclrv2', False),
+    ((32, 32), (32, 32), 1.0, 'simclrv1', True),
+    ((32, 32), (32, 32), 0.0, 'simclrv2', True)])
+def test_batched_view_is_the_per_example_ops(source, out, strength, impl,
+                                             jit):
+  """Noise images (bicubic overshoots [0, 1] a lot, so the first jitter step
+  often sees out-of-range values, as in the original): every example equals
+  the per-example operations with the same draws, up to float rounding."""
+  n = 48
+  x = _images(n, source[0]) if source[0] == source[1] else tf.constant(
+      np.random.default_rng(1).integers(0, 256, [n, *source, 3], np.uint8))
+  draws = data_util.batch_train_draws(n, *source, *out, strength, impl=impl,
+                                      seed=3)
+  got = data_util.batch_preprocess_for_train(
+      x, *out, strength, impl=impl, jit_compile=jit, draws=draws).numpy()
+  want = _replay_per_example(x, draws, *out, strength)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  if strength:
+    # The draws cover what matters: jittered and plain, gray and color.
+    for key in ('jitter', 'gray', 'flip'):
+      assert 0 < draws[key].numpy().mean() < 1
 
 
 def test_grayscale_and_jitter_rates():

@@ -45,8 +45,28 @@ def shapes(shapes10_dir):
   return data_lib.get_source('shapes10', str(shapes10_dir))
 
 
-def test_pretrain_batches_stack_two_different_views(shapes):
-  cfg = Config(train_mode='pretrain', **TINY)
+def test_batched_augmentation_where_images_are_small_and_one_size():
+  cfg = Config(**TINY)
+  assert data_lib.use_batched_augmentation(cfg, tf.TensorShape([32, 32, 3]))
+  assert not data_lib.use_batched_augmentation(
+      cfg.replace(batched_augmentation=False), tf.TensorShape([32, 32, 3]))
+  # Images of varying size (folders, ImageNet) go one at a time.
+  assert not data_lib.use_batched_augmentation(
+      cfg, tf.TensorShape([None, None, 3]))
+  big = data_lib.BATCHED_AUGMENTATION_MAX_SIZE + 1
+  assert not data_lib.use_batched_augmentation(
+      cfg, tf.TensorShape([big, big, 3]))
+  assert not data_lib.use_batched_augmentation(
+      cfg.replace(image_size=big), tf.TensorShape([32, 32, 3]))
+
+
+BATCHED = pytest.mark.parametrize('batched', [True, False],
+                                  ids=['batched', 'per_example'])
+
+
+@BATCHED
+def test_pretrain_batches_stack_two_different_views(shapes, batched):
+  cfg = Config(train_mode='pretrain', batched_augmentation=batched, **TINY)
   images, labels = first_batch(
       data_lib.build_input_fn(shapes, 16, True, cfg)())
   assert images.shape == [16, 32, 32, 6] and images.dtype == tf.float32
@@ -58,14 +78,19 @@ def test_pretrain_batches_stack_two_different_views(shapes):
   assert (np.abs(view1 - view2).max(axis=(1, 2, 3)) > 1e-2).all()
 
 
-def test_finetune_batches_have_one_view(shapes):
-  cfg = Config(train_mode='finetune', **TINY)
-  images, _ = first_batch(data_lib.build_input_fn(shapes, 16, True, cfg)())
+@BATCHED
+def test_finetune_batches_have_one_view(shapes, batched):
+  cfg = Config(train_mode='finetune', batched_augmentation=batched, **TINY)
+  images, labels = first_batch(
+      data_lib.build_input_fn(shapes, 16, True, cfg)())
   assert images.shape == [16, 32, 32, 3]
+  assert labels['labels'].shape == [16, 10] and labels['mask'].shape == [16]
 
 
-def test_two_replicas_get_half_the_global_batch_each(shapes, mirrored2):
-  cfg = Config(train_mode='pretrain', **TINY)
+@BATCHED
+def test_two_replicas_get_half_the_global_batch_each(shapes, mirrored2,
+                                                     batched):
+  cfg = Config(train_mode='pretrain', batched_augmentation=batched, **TINY)
   dataset = data_lib.build_distributed_dataset(shapes, 16, True, mirrored2,
                                                cfg)
   images, labels = first_batch(dataset)

@@ -79,10 +79,13 @@ def test_eval_over_two_workers_counts_every_example_once(shapes10_dir):
   assert sum(m.sum() for m in masks) == 1000
 
 
-def test_seeded_pipelines_repeat_and_resume_with_new_batches(shapes10_dir):
+@pytest.mark.parametrize('batched', [True, False])
+def test_seeded_pipelines_repeat_and_resume_with_new_batches(shapes10_dir,
+                                                             batched):
   source = data_lib.get_source('shapes10', str(shapes10_dir))
   cfg = config_lib.Config(dataset='shapes10', image_size=32, seed=SEED,
-                          color_jitter_strength=0.5)
+                          color_jitter_strength=0.5,
+                          batched_augmentation=batched)
 
   def first(cfg, ctx):
     fn = data_lib.build_input_fn(source, 8, True, cfg, num_replicas=2)
