@@ -163,8 +163,8 @@ def to_grayscale(image, keep_channels=True):
   """
   gray = tf.image.rgb_to_grayscale(image)
   if keep_channels:
-    # concat rather than tile so that batched (4-D) inputs work too.
-    gray = tf.concat([gray, gray, gray], axis=-1)
+    # Broadcast: the same values as a concat, a third of the work.
+    gray = tf.broadcast_to(gray, tf.shape(image))
   return gray
 
 
@@ -418,7 +418,8 @@ def crop_and_resize(image, height, width, seed=None):
   the whole image. The window is resized bicubically.
 
   Args:
-    image: float image [H, W, C].
+    image: float image [H, W, C] in [0, 1], or uint8 (the window is converted
+      to [0, 1] after cropping).
     height, width: output size (Python ints).
     seed: optional stateless seed.
 
@@ -431,6 +432,8 @@ def crop_and_resize(image, height, width, seed=None):
       image, whole_image, min_object_covered=0.1,
       aspect_ratio_range=(3. / 4. * aspect_ratio, 4. / 3. * aspect_ratio),
       area_range=(0.08, 1.0), max_attempts=100, seed=seed)
+  # uint8 is converted here, window only: the values of converting first.
+  image = tf.image.convert_image_dtype(image, tf.float32)
   return tf.image.resize(image[tf.newaxis], [height, width],
                          method=tf.image.ResizeMethod.BICUBIC)[0]
 
@@ -439,18 +442,22 @@ def random_crop_with_resize(image, height, width, p=1.0, seed=None):
   """`crop_and_resize` with probability p (otherwise the image unchanged).
 
   Args:
-    image: float image [H, W, C].
+    image: float image [H, W, C] in [0, 1], or uint8 (converted).
     height, width: output size.
     p: probability of cropping; with p < 1 the image must already be
       [height, width] for the two branches to agree in shape.
     seed: optional stateless seed.
 
   Returns:
-    [height, width, C] image.
+    [height, width, C] float32 image.
   """
   coin, crop = _split_seed(seed, 2)
-  return random_apply(lambda x: crop_and_resize(x, height, width, seed=crop),
-                      p, image, seed=coin)
+  crop_fn = lambda x: crop_and_resize(x, height, width, seed=crop)
+  if p >= 1:  # No coin to flip (it could not change the result).
+    return crop_fn(image)
+  return random_apply(crop_fn, p,
+                      tf.image.convert_image_dtype(image, tf.float32),
+                      seed=coin)
 
 
 def random_flip_left_right(image, seed=None):
@@ -497,7 +504,8 @@ def preprocess_for_train(image, height, width, color_jitter_strength=0.,
   """One SimCLR training view of a float image.
 
   Args:
-    image: float image [H, W, 3] in [0, 1].
+    image: float image [H, W, 3] in [0, 1], or uint8 (converted; with a
+      crop, only the window).
     height, width: output size.
     color_jitter_strength: strength s of `random_color_jitter` (jitter p=0.8,
       grayscale p=0.2). 0 turns the whole color distortion off (the
@@ -518,6 +526,8 @@ def preprocess_for_train(image, height, width, color_jitter_strength=0.,
   crop_seed, flip_seed, color_seed = _split_seed(seed, 3)
   if crop:
     image = random_crop_with_resize(image, height, width, seed=crop_seed)
+  else:
+    image = tf.image.convert_image_dtype(image, tf.float32)
   if flip:
     image = random_flip_left_right(image, seed=flip_seed)
   if color_jitter_strength:
@@ -573,11 +583,12 @@ def preprocess_image(image, height, width, is_training=False,
     ValueError: no crop is requested and the image's static shape is not
       [height, width, 3].
   """
-  image = tf.image.convert_image_dtype(image, dtype=tf.float32)
   if is_training:
+    # uint8 goes in as it is: the crop converts only its window.
     return preprocess_for_train(image, height, width,
                                 color_jitter_strength=color_jitter_strength,
                                 seed=seed)
+  image = tf.image.convert_image_dtype(image, dtype=tf.float32)
   return preprocess_for_eval(image, height, width, crop=test_crop)
 
 

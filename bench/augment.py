@@ -139,17 +139,25 @@ def two_view_dataset(images, labels, size, path):
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def measure(ds, warmup, batches, repeats):
-  """images/s of each repeat of `batches` batches after `warmup` batches."""
-  it = iter(ds)
-  for _ in range(warmup):
-    next(it)
-  rates = []
+def measure(datasets, warmup, batches, repeats):
+  """{path: images/s of each repeat} for datasets {path: dataset}.
+
+  Repeats take turns across the paths (path A, B, C, A, B, C, ...) so that
+  each path sees the same spells of machine noise; each turn starts a fresh
+  iterator and discards `warmup` batches, so no path profits from batches
+  another one's timing let it buffer.
+  """
+  rates = {path: [] for path in datasets}
   for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    rates.append(batches * BATCH / (time.perf_counter() - start))
+    for path, ds in datasets.items():
+      it = iter(ds)
+      for _ in range(warmup):
+        next(it)
+      start = time.perf_counter()
+      for _ in range(batches):
+        next(it)
+      rates[path].append(batches * BATCH / (time.perf_counter() - start))
+      del it
   return rates
 
 
@@ -200,11 +208,13 @@ def main():
       paths = ['per_example', 'batched']
       if kind == 'augment' and original is not None:
         paths.append('original')
+      datasets = {path: (one_view_dataset(images, size, path, original)
+                         if kind == 'augment'
+                         else two_view_dataset(images, lab, size, path))
+                  for path in paths}
+      all_rates = measure(datasets, warmup, batches, args.repeats)
       for path in paths:
-        ds = (one_view_dataset(images, size, path, original)
-              if kind == 'augment'
-              else two_view_dataset(images, lab, size, path))
-        rates = measure(ds, warmup, batches, args.repeats)
+        rates = all_rates[path]
         row = {'measurement': kind, 'path': path, 'size': size,
                'views': 1 if kind == 'augment' else 2,
                'images_per_s': round(statistics.median(rates), 1),

@@ -254,3 +254,16 @@ def test_batch_random_blur_rate_and_sigma_distribution():
                               (1.6, 0.4 / 1.9)):
     share = np.mean(sigmas > threshold)
     assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
+
+
+def test_uint8_training_view_equals_converting_first():
+  """preprocess_image crops uint8 images before converting them (less to
+  convert): the same view as converting the whole image first."""
+  image = tf.cast(_image(11, 50, 70) * 255, tf.uint8)
+  for seed in range(6):
+    got = data_util.preprocess_image(image, 32, 32, is_training=True,
+                                     color_jitter_strength=0.5, seed=seed)
+    want = data_util.preprocess_for_train(
+        tf.image.convert_image_dtype(image, tf.float32), 32, 32,
+        color_jitter_strength=0.5, seed=seed)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
