@@ -56,7 +56,8 @@ class Config:
   use_blur: bool = True
   # Training augmentation of whole batches at once (data_util's batched path)
   # where images are small and share one size; the same operations as the
-  # per-example path up to float rounding, several times faster there.
+  # per-example path up to float rounding, several times faster there (the
+  # random streams differ: a seeded run's views change with this switch).
   batched_augmentation: bool = True
   # What to run.
   mode: str = 'train'

@@ -28,10 +28,11 @@ FOLDER_PREFIX = 'folder:'
 
 # Largest image side (source and output) that data.py augments a batch at a
 # time (data_util's batched path). bench/augment.py on a 2-core CPU, two-view
-# pipeline, batched over per-example images/s: 2.8x at 32 px, 1.2x at 48 px
-# (from 54-px sources), 0.8x at 64 px (73-px sources): the batched crop
-# matrices and color arithmetic grow with the pixels, while the per-example
-# path's cost is mostly a fixed overhead per op at small sizes.
+# pipeline, batched over per-example images/s: 2.4-2.9x at 32 px; with the
+# bench's upsampled sources 1.2x at 48 px (54-px sources) and 0.8x at 64 px
+# (73-px sources): the batched crop matrices and color arithmetic grow with
+# the pixels, while the per-example path's cost at small sizes is mostly a
+# fixed overhead per op.
 BATCHED_AUGMENTATION_MAX_SIZE = 48
 
 
@@ -236,11 +237,17 @@ def build_input_fn(source, global_batch_size, is_training, config,
                 'mask': tf.ones([batch_size])}
       return images, labels
 
+    # Only what the pipeline uses: other features (ids, strings of varying
+    # length) need not batch.
+    dataset = dataset.map(lambda ex: {'image': ex['image'],
+                                      'label': ex['label']})
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if seed is None:
       dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
     else:
-      # Batch i of this pipeline is augmented from its own stateless seed.
+      # Batch i of this pipeline is augmented from its own stateless seed
+      # (so a seeded run's views depend on the per-replica batch size, and
+      # differ from the per-example path's).
       base = tf.constant([seed, pipeline_id], tf.int64)
       dataset = dataset.enumerate().map(
           lambda i, examples: to_batch(

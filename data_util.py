@@ -453,7 +453,7 @@ def random_crop_with_resize(image, height, width, p=1.0, seed=None):
   """
   coin, crop = _split_seed(seed, 2)
   crop_fn = lambda x: crop_and_resize(x, height, width, seed=crop)
-  if p >= 1:  # No coin to flip (it could not change the result).
+  if isinstance(p, (int, float)) and p >= 1:  # No coin: it changes nothing.
     return crop_fn(image)
   return random_apply(crop_fn, p,
                       tf.image.convert_image_dtype(image, tf.float32),
@@ -616,9 +616,11 @@ def preprocess_image(image, height, width, is_training=False,
 #   for small images only;
 # * flip: folded into the column matrix (its rows reversed) or, without a
 #   crop, tf.where over the batch;
-# * saturation and hue: per-example factors applied in HSV
-#   (tf.image.rgb_to_hsv / hsv_to_rgb), which is what adjust_saturation and
-#   adjust_hue do, equal up to float rounding;
+# * saturation and hue: per-example factors; each pixel is rebuilt from its
+#   hue, its maximum and a minimum (saturation: from the scaled HSV
+#   saturation, as AdjustSaturation; hue: the old one, as AdjustHue, which
+#   keeps a pixel's minimum and maximum even outside [0, 1]), equal to the
+#   kernels up to float rounding;
 # * random order: a per-example permutation of the four jitter steps, as in
 #   the original. It is realised by four positions over the whole batch; at
 #   each one an affine step (brightness and contrast) and an HSV step
@@ -630,7 +632,7 @@ def preprocess_image(image, height, width, is_training=False,
 # * the color arithmetic is one XLA-compiled function (jit_compile=True by
 #   default): XLA may reorder / fuse float operations (rounding-level
 #   differences);
-# * grayscale is applied as a per-example blend with the luma image;
+# * grayscale replaces the examples that draw it by their luma image;
 # * the jitter (p=0.8) and grayscale (p=0.2) coin flips are per example, as
 #   in the original.
 
@@ -946,7 +948,8 @@ def batch_color_params(batch, strength, apply=None, random_order=True,
       rows[which].append(tf.where(on, draws[which], neutral[which]))
   rows = [tf.stack(r) for r in rows]
   ones, zeros = tf.ones_like(rows[0]), tf.zeros_like(rows[0])
-  # A step with amount 0 is skipped (no clip either), as in color_jitter.
+  # Strength 0 takes no step (the amounts are all 0 or none): the images
+  # only get the final clip, which is what color_jitter's clips amount to.
   amounts = [amount, amount, amount, 0.2 * strength]
   taken = [[apply & tf.equal(order[:, position], which) & (amounts[which] != 0)
             for which in range(4)] for position in range(4)]
@@ -1071,7 +1074,7 @@ def batch_preprocess_for_train(images, height, width, color_jitter_strength=0.,
         color_jitter_strength=color_jitter_strength, crop=crop, flip=flip,
         impl=impl, jitter_probability=jitter_probability,
         grayscale_probability=grayscale_probability, seed=seed)
-  flips = draws.get('flip') if flip else None
+  flips = draws['flip'] if flip else None
   # uint8 stays 0..255 through the crop; the scaling is fused later.
   input_scale = 1. / 255. if images.dtype == tf.uint8 else 1.
   if crop:

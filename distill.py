@@ -372,8 +372,9 @@ class _Relabelled:
   def num_examples(self, split):
     return self._source.num_examples(split)
 
-  def as_dataset(self, split, shuffle_files=False, input_context=None):
+  def as_dataset(self, split, shuffle_files=False, input_context=None,
+                 seed=None):
     dataset = self._source.as_dataset(split, shuffle_files=shuffle_files,
-                                      input_context=input_context)
+                                      input_context=input_context, seed=seed)
     # -1 is one-hot encoded as all zeros.
     return dataset.map(lambda ex: dict(ex, label=tf.constant(-1, tf.int64)))

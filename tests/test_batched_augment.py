@@ -239,6 +239,33 @@ def test_fixed_order_jitter_matches_per_example_ops(jit):
     np.testing.assert_allclose(out[i], y.numpy(), atol=2e-4)
 
 
+@pytest.mark.parametrize('impl', ['simclrv2', 'simclrv1'])
+def test_jitter_draws_cover_their_ranges(impl):
+  """Strength 1.5 (amount 1.2): brightness factor in [max(1 - 1.2, 0), 2.2]
+  (simclrv2) or offset in [-1.2, 1.2] (simclrv1), contrast and saturation
+  in [-0.2, 2.2], hue shift in [-0.3, 0.3]; each filled out to its ends."""
+  n = 4000
+  params = data_util.batch_color_params(n, 1.5, impl=impl, seed=12)
+  order = params['order'].numpy()
+  taken = lambda which: order.T == which  # [4, n]: position p takes `which`
+  bright = (params['scale'] if impl == 'simclrv2' else params['offset'])
+  ranges = [(bright, (0., 2.2) if impl == 'simclrv2' else (-1.2, 1.2)),
+            (params['contrast'], (-0.2, 2.2)),
+            (params['saturation'], (-0.2, 2.2)),
+            (params['hue'], (-0.3, 0.3))]
+  for which, (values, (low, high)) in enumerate(ranges):
+    drawn = values.numpy()[taken(which)]
+    assert len(drawn) == n
+    assert low - 1e-6 <= drawn.min() < low + 0.01
+    assert high - 0.01 < drawn.max() <= high + 1e-6
+    # Uniform: the mean sits in the middle (4 standard errors).
+    assert abs(drawn.mean() - (low + high) / 2) < 4 * (high - low) / np.sqrt(
+        12 * n)
+    # Positions where the step is not taken hold its neutral value.
+    neutral = 0. if which == 3 or (which == 0 and impl == 'simclrv1') else 1.
+    np.testing.assert_array_equal(values.numpy()[~taken(which)], neutral)
+
+
 def test_random_order_is_per_example_permutation():
   params = data_util.batch_color_params(500, 0.5, seed=8)
   order = params['order'].numpy()

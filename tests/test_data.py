@@ -64,11 +64,32 @@ BATCHED = pytest.mark.parametrize('batched', [True, False],
                                   ids=['batched', 'per_example'])
 
 
+@pytest.fixture
+def augment_calls(monkeypatch):
+  """Names of the data_util augmentation functions a pipeline traced."""
+  calls = []
+  for name in ('preprocess_image', 'batch_preprocess_for_train',
+               'batch_preprocess_two_views'):
+    original = getattr(data_util, name)
+
+    def spy(*args, _name=name, _original=original, **kwargs):
+      calls.append(_name)
+      return _original(*args, **kwargs)
+    monkeypatch.setattr(data_util, name, spy)
+  return calls
+
+
 @BATCHED
-def test_pretrain_batches_stack_two_different_views(shapes, batched):
+def test_pretrain_batches_stack_two_different_views(shapes, batched,
+                                                    augment_calls):
   cfg = Config(train_mode='pretrain', batched_augmentation=batched, **TINY)
   images, labels = first_batch(
       data_lib.build_input_fn(shapes, 16, True, cfg)())
+  if batched:
+    assert 'batch_preprocess_two_views' in augment_calls
+    assert 'preprocess_image' not in augment_calls
+  else:
+    assert set(augment_calls) == {'preprocess_image'}
   assert images.shape == [16, 32, 32, 6] and images.dtype == tf.float32
   assert 0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1
   assert labels['labels'].shape == [16, 10]
@@ -79,10 +100,12 @@ def test_pretrain_batches_stack_two_different_views(shapes, batched):
 
 
 @BATCHED
-def test_finetune_batches_have_one_view(shapes, batched):
+def test_finetune_batches_have_one_view(shapes, batched, augment_calls):
   cfg = Config(train_mode='finetune', batched_augmentation=batched, **TINY)
   images, labels = first_batch(
       data_lib.build_input_fn(shapes, 16, True, cfg)())
+  assert set(augment_calls) == {'batch_preprocess_for_train' if batched
+                                else 'preprocess_image'}
   assert images.shape == [16, 32, 32, 3]
   assert labels['labels'].shape == [16, 10] and labels['mask'].shape == [16]
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 import checkpoints
 import config as config_lib
 import conftest
+import data as data_lib
 import distill
 import model as model_lib
 
@@ -175,3 +176,17 @@ def test_cli_writes_student_checkpoint_and_savedmodel(distilled):
   _, logits = student(images, training=False)
   np.testing.assert_allclose(loaded(images, trainable=False)['logits_sup'],
                              logits, atol=1e-4)
+
+
+def test_teacher_of_other_classes_trains_on_unlabelled_batches(shapes10_dir):
+  """A teacher of other classes than the dataset's: the training pipeline
+  (seeded, as run.py builds it) reads the source with zero one-hot labels of
+  the student's width."""
+  source = data_lib.get_source('shapes10', str(shapes10_dir))
+  relabelled = distill._Relabelled(source, 5)  # pylint: disable=protected-access
+  cfg = config_lib.Config(dataset='shapes10', image_size=32, seed=3,
+                          train_mode='finetune')
+  images, labels = next(iter(
+      data_lib.build_input_fn(relabelled, 8, True, cfg)()))
+  assert images.shape == [8, 32, 32, 3]
+  np.testing.assert_array_equal(labels['labels'], np.zeros([8, 5]))
