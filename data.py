@@ -175,6 +175,19 @@ def use_batched_augmentation(config, image_shape):
   return max(sides) <= BATCHED_AUGMENTATION_MAX_SIZE
 
 
+def _seeded_map(dataset, fn, seed, pipeline_id):
+  """Parallel map of `fn(element, seed=None)`; with a run seed, element i of
+  this input pipeline gets its own stateless seed, so the result does not
+  depend on the map's parallelism."""
+  if seed is None:
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  base = tf.constant([seed, pipeline_id], tf.int64)
+  return dataset.enumerate().map(
+      lambda i, element: fn(
+          element, seed=tf.random.experimental.stateless_fold_in(base, i)),
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def eval_steps(num_examples, global_batch_size, num_replicas=1,
                num_input_pipelines=1):
   """Eval batches per replica needed to see every example once."""
@@ -242,17 +255,9 @@ def build_input_fn(source, global_batch_size, is_training, config,
     dataset = dataset.map(lambda ex: {'image': ex['image'],
                                       'label': ex['label']})
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    if seed is None:
-      dataset = dataset.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-      # Batch i of this pipeline is augmented from its own stateless seed
-      # (so a seeded run's views depend on the per-replica batch size, and
-      # differ from the per-example path's).
-      base = tf.constant([seed, pipeline_id], tf.int64)
-      dataset = dataset.enumerate().map(
-          lambda i, examples: to_batch(
-              examples, tf.random.experimental.stateless_fold_in(base, i)),
-          num_parallel_calls=tf.data.AUTOTUNE)
+    # Seeded: one seed per batch, so a seeded run's views depend on the
+    # per-replica batch size (and differ from the per-example path's).
+    dataset = _seeded_map(dataset, to_batch, seed, pipeline_id)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
   def input_fn(input_context=None):
@@ -277,17 +282,7 @@ def build_input_fn(source, global_batch_size, is_training, config,
       if use_batched_augmentation(config, dataset.element_spec['image'].shape):
         logging.info('augmenting whole batches (data_util batched path)')
         return _batched_train_dataset(dataset, batch_size, seed, pipeline_id)
-      if seed is None:
-        dataset = dataset.map(to_batch_element,
-                              num_parallel_calls=tf.data.AUTOTUNE)
-      else:
-        # Example i of this pipeline is augmented from its own stateless
-        # seed, so batches do not depend on the map's parallelism.
-        base = tf.constant([seed, pipeline_id], tf.int64)
-        dataset = dataset.enumerate().map(
-            lambda i, example: to_batch_element(
-                example, tf.random.experimental.stateless_fold_in(base, i)),
-            num_parallel_calls=tf.data.AUTOTUNE)
+      dataset = _seeded_map(dataset, to_batch_element, seed, pipeline_id)
       dataset = dataset.batch(batch_size, drop_remainder=True)
       return dataset.prefetch(tf.data.AUTOTUNE)
 
