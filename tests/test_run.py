@@ -340,7 +340,9 @@ def test_damaged_latest_checkpoint_stops_or_falls_back(pretrained, tmp_path,
                                                        damage, caplog):
   # run.py's own resume step, in process (the command line's one-line error
   # for a corrupt checkpoint is test_truncated_checkpoint_given_to_finetune).
-  caplog.set_level('INFO')
+  # On absl's own logger: a run.main earlier in this process (flags parsed,
+  # default verbosity) leaves it at WARNING.
+  caplog.set_level('INFO', logger='absl')
   model_dir, _ = pretrained
   work = tmp_path / 'm'
   shutil.copytree(model_dir, work)
