@@ -629,9 +629,9 @@ def preprocess_image(image, height, width, is_training=False,
 #   it is (tf.where). So every example undergoes exactly its own sequence,
 #   and an example whose jitter is off stays unclipped until the grayscale
 #   and the final clip, as in the original (bicubic crops overshoot [0, 1]);
-# * the color arithmetic is one XLA-compiled function (jit_compile=True by
-#   default): XLA may reorder / fuse float operations (rounding-level
-#   differences);
+# * the crop and the color arithmetic are XLA-compiled functions
+#   (jit_compile=True by default): XLA may reorder / fuse float operations
+#   (rounding-level differences);
 # * grayscale replaces the examples that draw it by their luma image;
 # * the jitter (p=0.8) and grayscale (p=0.2) coin flips are per example, as
 #   in the original.
