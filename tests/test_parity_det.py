@@ -17,6 +17,16 @@ import training
 CONFIGS = ['r18_cifar_pretrain', 'r18_sk_se_pretrain', 'r50_sk_finetune',
            'r18_finetune_after4']
 NUM_EXAMPLES = 50000  # the stub dataset's size, which sets the LR schedule
+# Configs with a `<config>_update.npz` (r50 is ill-conditioned at batch 4).
+UPDATE_CONFIGS = ('r18_cifar_pretrain', 'r18_sk_se_pretrain',
+                  'r18_finetune_after4')
+# The update's l2 norm and its 4 projections may differ from the original's
+# by this fraction of its norm: a few times the kernel-order noise of the
+# pretraining steps (batch-8 projection-head BN; compare with
+# TF_ENABLE_ONEDNN_OPTS=0). A wrong direction of the same norm (LARS on
+# permuted gradients) moves the projections by about 4x the norm (fixture
+# README), a flipped momentum by 2x.
+UPDATE_TOL = 5e-2
 
 
 class Case:
@@ -161,8 +171,45 @@ def test_one_training_step_reproduces_checkpoint(case):
         changed.add(key)
   assert changed == set(fx['keys/changed_by_step'].tolist())
 
+  if case.name in UPDATE_CONFIGS:
+    _assert_updates_match(case, keys)
+
   # The checkpoint run.py would save: same keys, dtypes and shapes.
   prefix = case.checkpoint.save(str(case.tmp_path / 'ckpt'))
   listing = helpers.checkpoint_listing(prefix)
   expected = {k: (v[0], v[1]) for k, v in case.manifest.items()}
   assert listing == expected
+
+
+def _assert_updates_match(case, keys):
+  """Every float variable's and slot's one-step update, direction included.
+
+  The update is the value after the step minus the deterministic value for a
+  model variable, and the value itself for an optimizer slot (slots start at
+  zero); `update_projection.summarise` reduces it to its l2 norm and four
+  signed projections, which the original's step gave as `<config>_update.npz`.
+  """
+  det_dir = conftest.FIXTURES_DET
+  import update_projection  # pylint: disable=import-outside-toplevel
+  ref = np.load(conftest.require(det_dir / f'{case.name}_update.npz'))
+  expected = {k[len('update/'):-len('/l2')] for k in ref.keys()
+              if k.endswith('/l2')}
+  checked = set()
+  for key, variable in keys.items():
+    if not variable.dtype.is_floating or key not in expected:
+      continue
+    value = variable.numpy().astype(np.float64)
+    if case.det_weights.is_model_key(key):
+      value = value - case.det_weights.value_for(
+          key, variable.shape, variable.dtype).astype(np.float64)
+    l2, proj = update_projection.summarise(key, value)
+    ref_l2 = float(ref[f'update/{key}/l2'])
+    ref_proj = ref[f'update/{key}/proj']
+    # The floor: a few float32 roundings of the value after the step (a
+    # LARS update is ~1e-5 of the weight, so one ulp is ~1% of it).
+    floor = 4 * 2.**-24 * float(np.linalg.norm(variable.numpy()))
+    tol = UPDATE_TOL * ref_l2 + floor + 1e-12
+    assert abs(l2 - ref_l2) <= tol, (key, l2, ref_l2)
+    assert np.abs(proj - ref_proj).max() <= tol, (key, proj, ref_proj)
+    checked.add(key)
+  assert checked == expected, sorted(expected - checked)[:5]
