@@ -1,6 +1,6 @@
 """SavedModel export in the released SimCLR format, plus a serving signature.
 
-The exported object is called as `loaded(images, trainable=False)` (or True)
+The exported object is called as `loaded(inputs, trainable=False)` (or True)
 with float32 images [N, H, W, 3] in [0, 1] and returns a dict with
 `initial_conv`, `initial_max_pool`, `block_group1..4`, `final_avg_pool`,
 `proj_head_input`, `proj_head_output` and (with a supervised head)
@@ -28,8 +28,9 @@ class SimCLRExport(tf.Module):
     self.trainable_variables_list = list(model.trainable_variables)
 
   @tf.function
-  def __call__(self, images, trainable):
-    return self.model.endpoints(images, training=trainable)
+  def __call__(self, inputs, trainable):
+    # `inputs`: the released models' argument name (m(inputs=x, ...) works).
+    return self.model.endpoints(inputs, training=trainable)
 
   @tf.function(input_signature=[
       tf.TensorSpec([None, None, None, 3], tf.float32, name='images')])
@@ -46,7 +47,7 @@ class SimCLRExport(tf.Module):
 def export_saved_model(model, export_dir):
   """Writes the SavedModel of `model` to `export_dir` (atomically)."""
   module = SimCLRExport(model)
-  spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+  spec = tf.TensorSpec([None, None, None, 3], tf.float32, name='inputs')
   # One concrete function per Python bool, as in the released models.
   module.__call__.get_concrete_function(spec, True)
   module.__call__.get_concrete_function(spec, False)

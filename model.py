@@ -206,7 +206,9 @@ class Model(keras.models.Model):
     """
     proj_out, sup_in, outputs = self._encode(images, training,
                                              return_endpoints=True)
-    outputs['proj_head_input'] = sup_in
+    # The projection head's input (the encoder's output), as the original
+    # exports it; the classifier's input differs when ft_proj_selector > 0.
+    outputs['proj_head_input'] = outputs['final_avg_pool']
     outputs['proj_head_output'] = proj_out
     if hasattr(self, 'supervised_head'):
       outputs['logits_sup'] = self.supervised_head(sup_in, training=training)
