@@ -22,6 +22,16 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
+def unpack_original_saved_model(run, target):
+  """Extracts fixtures/small/<run>/saved_model.tar.xz (a SavedModel the
+  original wrote, in the released format) into `target`; returns its path."""
+  import tarfile  # pylint: disable=import-outside-toplevel
+  archive = require(FIXTURES / 'small' / run / 'saved_model.tar.xz')
+  with tarfile.open(archive) as tar:
+    tar.extractall(target, filter='data')
+  return pathlib.Path(target) / 'saved_model'
+
+
 def require(path):
   """Skips the calling test, naming the path, when reference data is absent."""
   if not pathlib.Path(path).exists():

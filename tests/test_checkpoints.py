@@ -1,7 +1,6 @@
 """--checkpoint restores: the original's training checkpoints and released-
 format SavedModels, this project's exports, schemas and errors."""
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -29,15 +28,8 @@ def _small(run, **overrides):
 @pytest.fixture(scope='module')
 def unpacked(tmp_path_factory):
   """The original's SavedModels, unpacked from their archives."""
-  paths = {}
-  for run in RUNS:
-    archive = conftest.require(
-        conftest.FIXTURES / 'small' / run / 'saved_model.tar.xz')
-    target = tmp_path_factory.mktemp(run)
-    with tarfile.open(archive) as tar:
-      tar.extractall(target, filter='data')
-    paths[run] = target / 'saved_model'
-  return paths
+  return {run: conftest.unpack_original_saved_model(
+      run, tmp_path_factory.mktemp(run)) for run in RUNS}
 
 
 def _assert_reproduces(model, images, outputs):

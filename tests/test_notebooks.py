@@ -6,7 +6,10 @@ Each notebook is executed by nbclient in a fresh kernel of this interpreter
 install` nor a user-level `python3` kernel that may point elsewhere matters),
 with parameter overrides inserted as a new cell right after the cell tagged
 `parameters`, as papermill does. They start from the small fine-tuned model
-of conftest.tiny_teacher and read shapes10 offline.
+of conftest.tiny_teacher and read shapes10 offline, and also from a SavedModel
+the original wrote (../shared/fixtures/small/r18_w0125: the released format,
+whose fine-tuning through `trainable_variables_list` is what failed for users
+of the original, google-research/simclr#108 and #116).
 """
 import json
 import re
@@ -43,6 +46,23 @@ def jupyter_path(tmp_path_factory):
                '{connection_file}'],
       'display_name': 'SimCLR tests', 'language': 'python'}))
   return root
+
+
+@pytest.fixture(scope='module')
+def original_saved_model(tmp_path_factory):
+  """ResNet-18 at 1/8 width with a 10-class linear head, exported by the
+  original's run.py after 3 pretraining steps on random images."""
+  return conftest.unpack_original_saved_model(
+      'r18_w0125', tmp_path_factory.mktemp('original'))
+
+
+def encoder_variable_count(saved_model):
+  """How many of a SavedModel's trainable_variables_list are the encoder's:
+  those a loss on final_avg_pool has gradients for."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  loaded = tf.saved_model.load(str(saved_model))
+  names = [v.name for v in loaded.trainable_variables_list]
+  return sum(n.startswith('resnet/') for n in names), len(names)
 
 
 def execute(name, tmp_path, monkeypatch, jupyter_path, **parameters):
@@ -130,7 +150,31 @@ def test_finetuning(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
   assert 0.5 < linear <= 1, text
   assert 0.4 < finetuned <= 1, text
   assert 'step 40/40: loss' in text
+  encoder, total = encoder_variable_count(tiny_teacher)
+  assert f'fine-tuning changed {encoder} of the {total} variables' in text
   _check_figure(tmp_path / 'out' / 'finetuning_loss.png')
+
+
+def test_finetuning_a_savedmodel_of_the_original(
+    original_saved_model, shapes10_dir, tmp_path, monkeypatch, jupyter_path):
+  """Its weights come from 3 steps on random images, so no accuracy is
+  asserted: what matters is that gradients reach every encoder variable of
+  the released format (63 for this ResNet-18; the heads get none through
+  final_avg_pool)."""
+  text, _ = execute(
+      'finetuning.ipynb', tmp_path, monkeypatch, jupyter_path,
+      SAVED_MODEL=str(original_saved_model), DATASET='shapes10',
+      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
+      IMAGE_SIZE=32, BATCH_SIZE=32, LINEAR_EXAMPLES=256, LINEAR_STEPS=10,
+      LINEAR_LEARNING_RATE=0.05, FINETUNE_STEPS=5,
+      FINETUNE_LEARNING_RATE=0.01, EVAL_EXAMPLES=64,
+      OUTPUT_DIR=str(tmp_path / 'out'))
+  for line in ('loaded in', 'final_avg_pool: (1, 64)', 'logits_sup: (1, 10)',
+               'proj_head_output: (1, 128)', 'step 5/5: loss'):
+    assert line in text, text
+  encoder, total = encoder_variable_count(original_saved_model)
+  assert (encoder, total) == (63, 73)
+  assert f'fine-tuning changed {encoder} of the {total} variables' in text
 
 
 def test_load_and_inference(tiny_teacher, shapes10_dir, tmp_path,
@@ -173,6 +217,40 @@ def test_load_and_inference(tiny_teacher, shapes10_dir, tmp_path,
     _check_figure(tmp_path / 'out' / figure)
 
 
+def test_load_and_inference_on_a_savedmodel_of_the_original(
+    original_saved_model, shapes10_dir, tmp_path, monkeypatch, jupyter_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import data_util  # pylint: disable=import-outside-toplevel
+  import embedded_dataset  # pylint: disable=import-outside-toplevel
+  text, _ = execute(
+      'load_and_inference.ipynb', tmp_path, monkeypatch, jupyter_path,
+      SAVED_MODEL=str(original_saved_model), CLASS_NAMES_URL=None,
+      DATASET='shapes10', DATA_DIR=str(shapes10_dir), SPLIT='test',
+      NUM_IMAGES=3, IMAGE_FILES=[], IMAGE_SIZE=32,
+      OUTPUT_DIR=str(tmp_path / 'out'))
+  for name, shape in [('block_group1', (3, 32, 32, 8)),
+                      ('block_group4', (3, 4, 4, 64)),
+                      ('final_avg_pool', (3, 64)), ('logits_sup', (3, 10))]:
+    assert f'{name}: {shape}' in text, text
+  assert 'serving signature' not in text  # the released format has none
+  # The same top-5 from plain TensorFlow in this process.
+  examples = embedded_dataset.load_builder(str(shapes10_dir)).as_dataset(
+      split='test').take(3)
+  images = tf.stack([data_util.preprocess_image(
+      e['image'], 32, 32, is_training=False, test_crop=False)
+                     for e in examples])
+  logits = tf.saved_model.load(str(original_saved_model))(
+      images, trainable=False)['logits_sup']
+  top5 = tf.math.top_k(tf.nn.softmax(logits), k=5)
+  shown = re.findall(r'image \d \(.*\) top-5: (.*)', text)
+  assert len(shown) == 3
+  for i, line in enumerate(shown):
+    expected = ', '.join(
+        f'{embedded_dataset.CLASS_NAMES[c]} {p:.3f}'
+        for p, c in zip(top5.values[i].numpy(), top5.indices[i].numpy()))
+    assert line == expected
+
+
 def test_distillation(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
                       jupyter_path):
   text, _ = execute(
@@ -201,3 +279,20 @@ def test_distillation(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
   assert (tmp_path / 'out' / 'ckpt-200.index').exists()
   assert (tmp_path / 'out' / 'saved_model' / 'saved_model.pb').exists()
   _check_figure(tmp_path / 'out' / 'distillation_curves.png')
+
+
+def test_distillation_from_a_savedmodel_of_the_original(
+    original_saved_model, shapes10_dir, tmp_path, monkeypatch, jupyter_path):
+  """The released format as the teacher: its logits_sup are read and the
+  student trains on them (this teacher saw random images only, so no
+  agreement is asserted)."""
+  text, _ = execute(
+      'distillation_self_training.ipynb', tmp_path, monkeypatch,
+      jupyter_path, TEACHER=str(original_saved_model), DATASET='shapes10',
+      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
+      IMAGE_SIZE=32, STUDENT_WIDTH=0.0625, TEMPERATURE=1.0, ALPHA=1.0,
+      BATCH_SIZE=32, STEPS=10, LEARNING_RATE=0.005, EVAL_EXAMPLES=64,
+      OUTPUT_DIR=str(tmp_path / 'out'), EXPORT_SAVED_MODEL=False)
+  assert 'teacher: 10 classes' in text
+  _value(r'student agreement with teacher: ([0-9.]+)', text)
+  assert (tmp_path / 'out' / 'ckpt-10.index').exists()
