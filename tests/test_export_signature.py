@@ -84,3 +84,44 @@ def test_proj_head_input_is_the_projection_heads_input(exported):
   _, sup_in = model._projection_head(out['final_avg_pool'], training=False)  # pylint: disable=protected-access
   assert sup_in.shape[-1] != out['proj_head_input'].shape[-1] or not np.allclose(
       sup_in.numpy(), out['proj_head_input'].numpy())
+
+
+def test_trainable_call_updates_moving_averages_and_has_no_blur(tmp_path):
+  """`trainable=True` normalises with the batch's statistics and moves the
+  stored averages (checked by hand on the stem's batch norm), and bakes in
+  no augmentation: exported from a pretraining config with use_blur=True,
+  its outputs equal the encoder's on the unblurred images."""
+  cfg = config_lib.Config(resnet_depth=18, width_multiplier=0.125,
+                          image_size=32, use_blur=True).validate()
+  model = model_lib.Model(10, cfg)
+  x = tf.constant(np.random.RandomState(1).uniform(size=(8, 32, 32, 3)),
+                  tf.float32)
+  model(tf.zeros([1, 32, 32, 3]), training=False)
+  loaded = tf.saved_model.load(export.export_saved_model(
+      model, str(tmp_path / 'saved_model')))
+  conv, _, bn_relu = model.resnet_model.initial_conv_relu_max_pool[:3]
+  stored = {v.name: v for v in loaded.model.resnet_model.variables}
+  moving_mean = stored[bn_relu.bn.moving_mean.name]
+  moving_var = stored[bn_relu.bn.moving_variance.name]
+  np.testing.assert_array_equal(moving_mean.numpy(), 0.)
+  np.testing.assert_array_equal(moving_var.numpy(), 1.)
+
+  out = loaded(x, trainable=True)
+  # The stem: 3x3 stride-1 convolution, then batch norm with decay 0.9;
+  # the moving variance follows the biased batch variance.
+  stem = tf.nn.conv2d(x, conv.conv2d.kernel, 1, 'SAME').numpy()
+  np.testing.assert_allclose(out['initial_conv'].numpy(), stem, atol=1e-5)
+  mean, var = stem.mean((0, 1, 2)), stem.var((0, 1, 2))
+  np.testing.assert_allclose(moving_mean.numpy(), 0.1 * mean, atol=1e-6)
+  np.testing.assert_allclose(moving_var.numpy(), 0.9 + 0.1 * var, atol=1e-6)
+  # Normalised with the batch's statistics, not the stored ones.
+  gamma, beta = bn_relu.bn.gamma.numpy(), bn_relu.bn.beta.numpy()
+  np.testing.assert_allclose(
+      out['initial_max_pool'].numpy(),
+      np.maximum(0., (stem - mean) / np.sqrt(var + bn_relu.bn.epsilon) *
+                 gamma + beta), atol=1e-4)
+  # No blur: every output is the Keras model's on x itself.
+  ours = model.endpoints(x, training=True)
+  for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
+    np.testing.assert_allclose(out[key].numpy(), ours[key].numpy(),
+                               atol=1e-4, err_msg=key)

@@ -214,3 +214,18 @@ def test_error_messages_drop_tf_decorations():
   raw = ('{{function_node __wrapped__DecodeImage_device_/job:localhost/'
          'replica:0/task:0/device:CPU:0}} Input is empty. [Op:DecodeImage]')
   assert image_folder._clean_tf_message(raw) == 'Input is empty.'
+
+
+def test_run_writes_class_names_to_model_dir(tree, tmp_path):
+  """run.py on a folder: <model_dir>/class_names.txt lists the classes in
+  label order, next to the run's checkpoint."""
+  import config as config_lib  # pylint: disable=import-outside-toplevel
+  import run  # pylint: disable=import-outside-toplevel
+  model_dir = tmp_path / 'model'
+  run.run(config_lib.Config(
+      dataset=f'folder:{tree}', train_mode='finetune', mode='train',
+      resnet_depth=18, width_multiplier=0.125, image_size=32,
+      train_batch_size=2, train_steps=1, eval_split='validation',
+      model_dir=str(model_dir), use_tpu=False).validate())
+  assert (model_dir / 'class_names.txt').read_text().splitlines() == CLASSES
+  assert (model_dir / 'ckpt-1.index').exists()

@@ -354,7 +354,7 @@ def test_run_linear_eval_from_tf1_checkpoint(r18_tf1, tmp_path, shapes10_dir):
   assert np.abs(saved('head_supervised/linear_layer/dense/bias')).max() > 0
 
 
-def test_v1_weight_scale_rescaled_by_converter(tmp_path):
+def test_v1_weight_scale_rescaled_by_converter(tmp_path, capsys):
   """SimCLRv1 conv kernels are ~16.8x SimCLRv2's (original README); the
   converter's --kernel_scale brings them back without changing the outputs.
 
@@ -389,3 +389,18 @@ def test_v1_weight_scale_rescaled_by_converter(tmp_path):
       tf.constant(ref['inputs']), trainable=False)
   for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
     helpers.assert_close(outputs[key], ref[key], 1e-4)
+
+  # run.py --mode=convert exits 1 with one line when the outputs differ
+  # by more than --convert_tolerance (here half of what this conversion
+  # gives: rescaling moves batch norm's epsilon, so it is not 0).
+  worst = max(summary['max_rel_diff'].values())
+  assert worst > 0
+  argv = ['--mode=convert', f'--checkpoint={prefix}', '--resnet_depth=18',
+          '--image_size=32', f'--kernel_scale={1 / scale!r}']
+  code = helpers.run_main_exit_code(
+      [*argv, f'--model_dir={tmp_path / "strict"}',
+       f'--convert_tolerance={worst / 2!r}'])
+  assert code == 1
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith('error: converted outputs differ from the source by')
+  assert f'--convert_tolerance={worst / 2}' in last
