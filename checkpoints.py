@@ -77,6 +77,8 @@ class RestoreReport:
 
   `unused` lists the checkpoint's entries that no model variable took:
   optimizer state, a head this model lacks, EMA copies not chosen.
+  `unmatched_schema_parts` lists the alternatives of `--variable_schema`
+  that match no model variable's name (see `schema_alternatives`).
   """
   path: str
   format: str
@@ -84,6 +86,8 @@ class RestoreReport:
   skipped_by_schema: list
   missing: list
   unused: list
+  schema: str = '.*'
+  unmatched_schema_parts: list = dataclasses.field(default_factory=list)
 
   def summary(self):
     return (f'restored {len(self.restored)} variables from {self.path} '
@@ -91,6 +95,92 @@ class RestoreReport:
             f'--variable_schema; {len(self.missing)} not in the checkpoint '
             f'(left as initialised); {len(self.unused)} checkpoint entries '
             'unused (optimizer state, other heads, EMA copies)')
+
+  def schema_notes(self):
+    """Lines about a `--variable_schema` that did less than it says."""
+    notes = []
+    if self.schema != '.*' and not self.skipped_by_schema:
+      notes.append(f'--variable_schema={self.schema!r} skipped nothing: '
+                   'every model variable found in the checkpoint was '
+                   'restored.')
+    if self.unmatched_schema_parts:
+      notes.append(
+          'parts of --variable_schema that match no model variable: '
+          f'{", ".join(self.unmatched_schema_parts)} (the schema filters '
+          'model variables only; optimizer state and the step are never '
+          'restored from --checkpoint).')
+    return notes
+
+
+def schema_alternatives(schema):
+  """The alternatives of a schema's outermost lookahead, or of the schema.
+
+  '(?!global_step|(?:.*/|^)Momentum|head)' gives ['global_step',
+  '(?:.*/|^)Momentum', 'head']; 'base_model|head_contrastive' gives both
+  names. A '|' inside a group or a character class does not split.
+  """
+  inner = schema
+  if schema[:3] in ('(?!', '(?=') and _closing_paren(schema, 0) == len(
+      schema) - 1:
+    inner = schema[3:-1]
+  parts, depth, start, i = [], 0, 0, 0
+  in_class = False
+  while i < len(inner):
+    char = inner[i]
+    if char == '\\':
+      i += 2
+      continue
+    if in_class:
+      in_class = char != ']'
+    elif char == '[':
+      in_class = True
+    elif char == '(':
+      depth += 1
+    elif char == ')':
+      depth -= 1
+    elif char == '|' and depth == 0:
+      parts.append(inner[start:i])
+      start = i + 1
+    i += 1
+  parts.append(inner[start:])
+  return parts
+
+
+def _closing_paren(text, open_at):
+  """Index of the ')' closing the '(' at `open_at` (-1 if none)."""
+  depth, i, in_class = 0, open_at, False
+  while i < len(text):
+    char = text[i]
+    if char == '\\':
+      i += 2
+      continue
+    if in_class:
+      in_class = char != ']'
+    elif char == '[':
+      in_class = True
+    elif char == '(':
+      depth += 1
+    elif char == ')':
+      depth -= 1
+      if depth == 0:
+        return i
+    i += 1
+  return -1
+
+
+def _unmatched_alternatives(schema, names):
+  """The alternatives of `schema` that `re.match` no name in `names`."""
+  if schema == '.*':
+    return []
+  unmatched = []
+  for part in schema_alternatives(schema):
+    try:
+      pattern = re.compile(part)
+    except re.error:
+      continue  # not a regex on its own; judged as part of the whole only
+    if not any(pattern.match(name) for name in names):
+      unmatched.append(part)
+  return unmatched
 
 
 FORMATS = {
@@ -209,7 +299,9 @@ def restore_model(model, path, schema='.*', require_encoder=True,
   saved_shapes = reader.get_variable_to_shape_map()
   ours = variables_by_key(tf.train.Checkpoint(model=model))
   layout, is_encoder = _layout(model, ours, fmt, saved_shapes, use_ema)
-  report = RestoreReport(prefix, FORMATS[fmt], [], [], [], [])
+  report = RestoreReport(prefix, FORMATS[fmt], [], [], [], [], schema)
+  report.unmatched_schema_parts = _unmatched_alternatives(
+      schema, [layout[key][1] for key in ours])
   pattern = re.compile(schema)
   for key in _in_model_order(model, ours):
     variable = ours[key]
@@ -244,6 +336,8 @@ def restore_model(model, path, schema='.*', require_encoder=True,
         f'in this model (e.g. {extra[0].replace(SUFFIX, "")}): another '
         '--resnet_depth, --width_multiplier or --sk_ratio?')
   logging.info('%s', report.summary())
+  for note in report.schema_notes():
+    logging.warning('%s', note)
   for key in report.skipped_by_schema:
     logging.info('  skipped by schema: %s', key)
   for key in report.missing:

@@ -21,6 +21,11 @@ OPTIMIZERS = ('momentum', 'adam', 'lars')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 LR_SCALINGS = ('linear', 'sqrt')
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
+# Batch norm of a frozen encoder (finetune with fine_tune_after_block >= 4,
+# linear evaluation): 'tf2' as the original TF2 code (batch statistics, the
+# moving averages follow the data), 'tf1' as the original TF1 code
+# (inference mode: moving statistics used and left unchanged).
+LINEAR_EVAL_PROTOCOLS = ('tf2', 'tf1')
 
 
 class ConfigError(ValueError):
@@ -66,6 +71,7 @@ class Config:
   checkpoint: Optional[str] = None
   zero_init_logits_layer: bool = False
   fine_tune_after_block: int = -1
+  linear_eval_protocol: str = 'tf2'
   model_dir: Optional[str] = None
   keep_checkpoint_max: int = 5
   keep_hub_module_max: int = 1
@@ -138,6 +144,13 @@ class Config:
     return self.fused_batch_norm
 
   @property
+  def frozen_encoder_in_inference_mode(self):
+    """The TF1 linear-evaluation protocol applies: the encoder is frozen
+    whole and its batch norm runs on the moving statistics."""
+    return (self.train_mode == 'finetune' and self.fine_tune_after_block >= 4
+            and self.linear_eval_protocol == 'tf1')
+
+  @property
   def has_supervised_head(self):
     return self.train_mode == 'finetune' or self.lineareval_while_pretraining
 
@@ -154,6 +167,8 @@ class Config:
     _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
     _one_of('on_corrupt', self.on_corrupt, ('fail', 'skip'))
     _one_of('precision', self.precision, PRECISIONS)
+    _one_of('linear_eval_protocol', self.linear_eval_protocol,
+            LINEAR_EVAL_PROTOCOLS)
     if self.seed is not None:
       _at_least('seed', self.seed, 0)
     _at_least('train_summary_steps', self.train_summary_steps, 0)

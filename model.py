@@ -173,15 +173,23 @@ class Model(keras.models.Model):
       # Blur is batched here rather than per example in the input pipeline.
       views = data_util.batch_random_blur(views, cfg.image_size,
                                           cfg.image_size)
-    proj_out, sup_in, _ = self._encode(tf.concat(views, 0), training)
+    # The TF1 linear-evaluation protocol: a frozen encoder's batch norm uses
+    # and keeps its moving statistics while the heads train. (Exports keep
+    # the released meaning of `trainable`: see `endpoints`.)
+    proj_out, sup_in, _ = self._encode(
+        tf.concat(views, 0), training, encoder_training=training and not (
+            cfg.frozen_encoder_in_inference_mode))
     # float32 under any precision policy: the loss (a softmax over all
     # negatives) and the metrics are computed in float32.
     return tuple(None if t is None else tf.cast(t, tf.float32)
                  for t in self._heads(proj_out, sup_in, training))
 
-  def _encode(self, features, training, return_endpoints=False):
+  def _encode(self, features, training, return_endpoints=False,
+              encoder_training=None):
+    if encoder_training is None:
+      encoder_training = training
     with tf.variable_creator_scope(self._note_creation):
-      encoded = self.resnet_model(features, training=training,
+      encoded = self.resnet_model(features, training=encoder_training,
                                   return_endpoints=return_endpoints)
       hiddens, endpoints = encoded if return_endpoints else (encoded, None)
       proj_out, sup_in = self._projection_head(hiddens, training=training)

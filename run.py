@@ -103,6 +103,13 @@ flags.DEFINE_integer('fine_tune_after_block', _D.fine_tune_after_block,
                      'The layers after which block that we will fine-tune. -1 '
                      'means fine-tuning everything. 0 means fine-tuning after '
                      'stem block. 4 means fine-tuning just the linear head.')
+flags.DEFINE_enum('linear_eval_protocol', _D.linear_eval_protocol,
+                  list(config_lib.LINEAR_EVAL_PROTOCOLS),
+                  'Batch norm of a frozen encoder (--fine_tune_after_block=4, '
+                  'linear evaluation): tf2 as the original TF2 code (batch '
+                  'statistics; the moving averages follow the data), tf1 as '
+                  'the original TF1 code, whose figures the README quotes '
+                  '(inference mode: the encoder is left bit-unchanged).')
 flags.DEFINE_string('master', _D.master,
                     'Address/name of the TensorFlow master to use. By '
                     'default, use an in-process master.')

@@ -104,3 +104,41 @@ def test_wrong_path_and_wrong_model_size_give_one_line(tmp_path):
   with pytest.raises(checkpoints.CheckpointError) as error:
     checkpoints.restore_model(model, str(r50))
   assert 'shape' in str(error.value) and '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('schema,skipped,unmatched', [
+    # The original README's: the optimizer and step parts match no model
+    # variable (optimizer state is never restored from --checkpoint).
+    ('(?!global_step|(?:.*/|^)Momentum|head)', 2,
+     ['global_step', '(?:.*/|^)Momentum']),
+    ('(?!global_step|(?:.*/|^)LARSOptimizer|head_supervised)', 2,
+     ['global_step', '(?:.*/|^)LARSOptimizer']),
+    ('(?!head_supervised|projection_head)', 16, []),
+    ('(?!global_step)', 0, ['global_step']),
+    ('resnet|projection_head|head_sup', 0, []),
+])
+def test_restore_report_says_what_the_schema_did(schema, skipped, unmatched,
+                                                 caplog):
+  caplog.set_level('INFO', logger='absl')
+  folder, model, _, _ = _small('r18_w0125')
+  report = checkpoints.restore_model(model, str(folder / 'ckpt'),
+                                     schema=schema)
+  assert len(report.skipped_by_schema) == skipped
+  assert report.unmatched_schema_parts == unmatched
+  # A schema that skipped nothing says so; the others do not.
+  assert ('skipped nothing' in caplog.text) == (skipped == 0)
+  if unmatched:
+    assert ('parts of --variable_schema that match no model variable: '
+            f'{", ".join(unmatched)}') in caplog.text
+  else:
+    assert 'match no model variable' not in caplog.text
+
+
+def test_schema_alternatives():
+  assert checkpoints.schema_alternatives(
+      '(?!global_step|(?:.*/|^)Momentum|head)') == [
+          'global_step', '(?:.*/|^)Momentum', 'head']
+  assert checkpoints.schema_alternatives('a|b(c|d)|[|]') == [
+      'a', 'b(c|d)', '[|]']
+  assert checkpoints.schema_alternatives(r'(?!x\|y)z') == [r'(?!x\|y)z']
+  assert checkpoints.schema_alternatives('(?=a|b)') == ['a', 'b']
