@@ -47,7 +47,7 @@ PRETRAIN = ['--train_mode=pretrain', '--train_batch_size=512',
             '--use_tpu=False']
 FINETUNE = ['--mode=train_then_eval', '--train_mode=finetune',
             '--fine_tune_after_block=4', '--zero_init_logits_layer=True',
-            '--variable_schema=(?!global_step|(?:.*/|^)LARSOptimizer|head)',
+            '--variable_schema=(?!global_step|(?:.*/|^)Momentum|head)',
             '--global_bn=False', '--optimizer=momentum', '--learning_rate=0.1',
             '--weight_decay=0.0', '--train_epochs=100',
             '--train_batch_size=512', '--warmup_epochs=0', '--dataset=cifar10',
@@ -98,18 +98,68 @@ def test_pretrain_writes_checkpoints_results_and_savedmodel(pretrained):
   assert 'step 2/2' in proc.stderr and 'images/s' in proc.stderr
 
 
-def test_finetune_from_pretrained_checkpoint_as_in_readme(pretrained,
-                                                          tmp_path):
+def _model_entries(prefix):
+  """{key: value} of a checkpoint's model variables (no optimizer slots)."""
+  reader = tf.train.load_checkpoint(str(prefix))
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if k.startswith('model/') and '.OPTIMIZER_SLOT' not in k}
+
+
+def test_linear_evaluation_as_in_readme_leaves_the_encoder_unchanged(
+    pretrained, tmp_path):
+  """The README's linear evaluation (the original's command with the TF1
+  protocol whose ~91% it quotes): after training, every encoder variable,
+  batch-norm moving statistics included, is bit for bit the pretrained
+  one; the classifier trained."""
   model_dir, _ = pretrained
-  proc = run_cli(*FINETUNE, f'--checkpoint={model_dir}',
-                 f'--model_dir={tmp_path}', *SHRINK)
-  # Encoder and projection head restored; the classifier skipped by the
-  # schema (and then zeroed).
-  assert 'restored 119 variables' in proc.stderr, proc.stderr[-2000:]
-  assert '2 skipped by --variable_schema' in proc.stderr
-  assert 'Zero-initialising the supervised head' in proc.stderr
+  run_cli(*FINETUNE, '--linear_eval_protocol=tf1', f'--checkpoint={model_dir}',
+          f'--model_dir={tmp_path}', *SHRINK)
   result = json.loads((tmp_path / 'result.json').read_text())
   assert result['global_step'] == 2
+  before = _model_entries(model_dir / 'ckpt-2')
+  after = _model_entries(tmp_path / 'ckpt-2')
+  encoder = [k for k in after if k.startswith('model/resnet_model/')]
+  # ResNet-18: 21 convolutions, each with a batch norm of 4 variables.
+  assert len(encoder) == 105 and sum('moving_' in k for k in encoder) == 42
+  for key in encoder:
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  head = [k for k in after if k.startswith('model/supervised_head/')]
+  assert len(head) == 2 and all(np.abs(after[k]).max() > 0 for k in head)
+
+
+# The README's fine-tuning commands as restores: what --checkpoint gives the
+# model before the first step. The linear evaluation keeps encoder and
+# projection head, the 1%/10% command too; both zero the classifier.
+@pytest.mark.parametrize('command', ['linear_eval', 'subset_finetune'])
+def test_finetune_starts_from_the_checkpoint_with_a_zero_classifier(
+    pretrained, tmp_path, command):
+  model_dir, _ = pretrained
+  flags = {'linear_eval': FINETUNE, 'subset_finetune': IMAGENET_FINETUNE}
+  overrides = dict(a[2:].split('=', 1) for a in flags[command]
+                   if a.startswith(('--variable_schema', '--fine_tune_after',
+                                    '--ft_proj_selector')))
+  cfg = _pretrain_config(
+      model_dir=str(tmp_path), train_mode='finetune',
+      checkpoint=str(model_dir), zero_init_logits_layer=True,
+      variable_schema=overrides['variable_schema'],
+      fine_tune_after_block=int(overrides['fine_tune_after_block']),
+      ft_proj_selector=int(overrides.get('ft_proj_selector', 0)))
+  model, _, checkpoint = _fresh_training_state(cfg)
+  run.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
+      checkpoint, str(tmp_path), max_to_keep=1))
+  saved = _model_entries(model_dir / 'ckpt-2')
+  ours = checkpoints.variables_by_key(tf.train.Checkpoint(model=model))
+  kept = [k for k in ours if k.startswith(('model/resnet_model/',
+                                           'model/_projection_head/'))]
+  assert len(kept) == 105 + 14  # encoder; 3 projection layers (no BN beta in the last)
+  for key in kept:
+    np.testing.assert_array_equal(ours[key].numpy(),
+                                  saved[key + checkpoints.SUFFIX], key)
+  head = [k for k in ours if k.startswith('model/supervised_head/')]
+  assert len(head) == 2
+  for key in head:
+    assert np.abs(saved[key + checkpoints.SUFFIX]).max() > 0
+    np.testing.assert_array_equal(ours[key].numpy(), 0.)
 
 
 def test_eval_mode_evaluates_the_latest_checkpoint(pretrained, tmp_path):
@@ -273,15 +323,17 @@ IMAGENET_PRETRAIN = ['--train_mode=pretrain', '--train_batch_size=4096',
                      '--weight_decay=1e-4', '--dataset=imagenet2012',
                      '--image_size=224', '--eval_split=validation',
                      '--use_tpu=True', '--train_summary_steps=0']
+# The original README's 1% command, as written.
 IMAGENET_FINETUNE = [
     '--mode=train_then_eval', '--train_mode=finetune',
     '--fine_tune_after_block=-1', '--zero_init_logits_layer=True',
-    '--variable_schema=(?!global_step|(?:.*/|^)LARSOptimizer|head)',
-    '--global_bn=True', '--optimizer=momentum', '--learning_rate=0.005',
+    '--variable_schema=(?!global_step|(?:.*/|^)Momentum|head_supervised)',
+    '--global_bn=True', '--optimizer=lars', '--learning_rate=0.005',
     '--learning_rate_scaling=sqrt', '--weight_decay=0', '--train_epochs=60',
     '--train_batch_size=1024', '--warmup_epochs=0',
     '--dataset=imagenet2012_subset/1pct', '--image_size=224',
-    '--eval_split=validation', '--use_tpu=True', '--train_summary_steps=0']
+    '--eval_split=validation', '--use_tpu=True', '--train_summary_steps=0',
+    '--num_proj_layers=3', '--ft_proj_selector=1']
 # No ImageNet and no TPU here: the same commands on CIFAR-10 and the CPU.
 OFFLINE = ['--dataset=cifar10', '--eval_split=test', '--use_tpu=False']
 
