@@ -282,8 +282,7 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
                sum(int(tf.size(v)) for v in student.trainable_variables),
                teacher_path)
 
-  train_steps, checkpoint_steps, _, steps_per_loop = run.step_plan(
-      cfg, num_train)
+  train_steps, checkpoint_steps, summary_steps = run.step_plan(cfg, num_train)
   with strategy.scope():
     # A teacher of other classes than the dataset's: labels only masked out.
     train_source = source if with_labels else _Relabelled(source, num_classes)
@@ -310,35 +309,35 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
 
-  train_loop = training.make_train_loop(strategy, replica_step)
-
   writer = tf.summary.create_file_writer(cfg.model_dir)
   step = int(optimizer.iterations.numpy())
   progress = run.Progress(train_steps, cfg.train_batch_size, step)
+
+  def report(at_step, values):
+    logging.info('%s | lr=%.5f', progress.line(at_step, values),
+                 float(schedule(tf.cast(at_step - 1, tf.float32))))
+
   iterator = iter(dataset)
-  with run._StopRequest() as stop:  # pylint: disable=protected-access
-    while step < train_steps and stop.signal is None:
-      steps = min(steps_per_loop, train_steps - step,
+  with run.StopRequest() as stop:
+    train_loop = training.make_train_loop(
+        strategy, replica_step, train_metrics, optimizer.iterations,
+        summary_steps, report=report, stop_flag=stop.flag,
+        summary_prefix='distill/')
+    while step < train_steps and not stop.requested:
+      steps = min(train_steps - step,
                   checkpoint_steps - step % checkpoint_steps)
-      train_loop(iterator, tf.constant(steps))
-      step = int(optimizer.iterations.numpy())
-      values = {n: float(m.result()) for n, m in train_metrics.items()}
-      logging.info('%s | lr=%.5f', progress.line(step, values),
-                   float(schedule(tf.cast(step - 1, tf.float32))))
       with writer.as_default():
-        for name, value in values.items():
-          tf.summary.scalar(f'distill/{name}', value, step=step)
-      for metric in train_metrics.values():
-        metric.reset_states()
-      if not all(math.isfinite(v) for v in values.values()):
+        values = train_loop(iterator, tf.constant(steps))
+      step = int(optimizer.iterations.numpy())
+      if not all(math.isfinite(float(v)) for v in values.values()):
         raise run.TrainingDiverged(
             f'non-finite loss by step {step}; last good checkpoint: '
             f'{manager.latest_checkpoint or "none"}; lower --learning_rate.')
       if (step % checkpoint_steps == 0 or step >= train_steps or
-          stop.signal is not None):
+          stop.requested):
         manager.save(checkpoint_number=step)
-  if stop.signal is not None and step < train_steps:
-    logging.info('Stopped by signal %d at step %d after saving; rerun the '
+  if stop.requested and step < train_steps:
+    logging.info('Stopped by signal %s at step %d after saving; rerun the '
                  'same command to resume.', stop.signal, step)
     return None
 

@@ -20,8 +20,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 
 from absl import app
@@ -252,25 +254,62 @@ class TrainingDiverged(RuntimeError):
   """The loss became non-finite; the message is one line for the user."""
 
 
-class _StopRequest:
-  """Remembers SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can save first."""
+class StopRequest:
+  """Remembers SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can save first.
+
+  `flag` (a boolean variable) turns True the moment a signal arrives, also
+  while the main thread is inside a long tf.function call (where Python's
+  own handlers wait for the call to return): the C-level handler writes to
+  a wake-up socket that a watcher thread reads. The training loop reads the
+  flag between steps (training.make_train_loop).
+  """
 
   def __init__(self):
     self.signal = None
+    self.flag = tf.Variable(False, trainable=False, name='stop_requested')
     self._previous = {}
+    self._wakeup = None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno()))
+    threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
     return self
+
+  def _watch(self, reader):
+    while True:
+      try:
+        data = reader.recv(16)
+      except OSError:
+        return
+      if not data or data == b'\0':  # closed, or asked to finish
+        return
+      if any(byte in (signal.SIGTERM, signal.SIGINT) for byte in data):
+        self.flag.assign(True)
 
   def _handle(self, signum, frame):
     del frame
     self.signal = signum
+    self.flag.assign(True)
+
+  @property
+  def requested(self):
+    return self.signal is not None or bool(self.flag.numpy())
 
   def __exit__(self, *exc):
+    reader, writer, previous_fd = self._wakeup
+    signal.set_wakeup_fd(previous_fd)
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    try:
+      writer.send(b'\0')
+    except OSError:
+      pass
+    writer.close()
+    reader.close()
 
 
 def config_from_flags(**overrides):
@@ -299,7 +338,10 @@ def lost_worker_message(error, model_dir):
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   cause = next((line for line in lines if 'aborted by' in line),
                lines[0] if lines else type(error).__name__)
-  peer = re.search(r'remote target (/job:\S+?/task:\d+)', text)
+  # A failed connection names its remote target; the coordination service
+  # lists the tasks that stopped sending heartbeats on the next line.
+  peer = (re.search(r'remote target (/job:\S+?/task:\d+)', text) or
+          re.search(r'unhealthy[^\n]*\n\s*(/job:\S+?/task:\d+)', text))
   who = peer.group(1) if peer else 'another worker'
   return (f'lost contact with {who} ({type(error).__name__}: {cause[:200]});'
           ' restart every worker with the same command: training resumes '
@@ -475,14 +517,18 @@ def restore_or_initialise(cfg, model, manager):
 
 
 def step_plan(cfg, num_train_examples):
-  """(train steps, checkpoint every, summaries every, steps per loop call)."""
+  """(train steps, checkpoint every, summaries every).
+
+  One call of the training loop runs up to a checkpoint interval, as in the
+  original (an epoch by default); summaries and progress lines come every
+  `train_summary_steps` steps inside it (0: at the checkpoints only).
+  """
   train_steps = model_lib.get_train_steps(num_train_examples, cfg)
   epoch_steps = int(round(num_train_examples / cfg.train_batch_size))
   checkpoint_steps = (cfg.checkpoint_steps or
                       max(1, cfg.checkpoint_epochs * epoch_steps))
   summary_steps = cfg.train_summary_steps or checkpoint_steps
-  steps_per_loop = max(1, min(checkpoint_steps, summary_steps))
-  return train_steps, checkpoint_steps, summary_steps, steps_per_loop
+  return train_steps, checkpoint_steps, summary_steps
 
 
 def run_knn_monitor(cfg, monitor, step):
@@ -505,7 +551,7 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
   every `cfg.knn_monitor_steps` steps and at the last step (unless the final
   evaluation of --mode=train_then_eval is about to report it).
   """
-  train_steps, checkpoint_steps, summary_steps, steps_per_loop = step_plan(
+  train_steps, checkpoint_steps, summary_steps = step_plan(
       cfg, num_train_examples)
   logging.info('# train examples: %d; # train_steps: %d; checkpoint every '
                '%d steps', num_train_examples, train_steps, checkpoint_steps)
@@ -543,8 +589,6 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
 
-  train_loop = training.make_train_loop(strategy, replica_step)
-
   global_step = optimizer.iterations
   step = int(global_step.numpy())
   check_same_step(strategy, step, cfg.model_dir)
@@ -558,27 +602,28 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
       source, cfg.train_batch_size, True, strategy,
       cfg.replace(seed=data_lib.resumed_seed(cfg.seed, step)))
   progress = Progress(train_steps, cfg.train_batch_size, step)
+
+  def report(at_step, values):
+    lr = float(schedule(tf.cast(at_step - 1, tf.float32)))
+    logging.info('%s | lr=%.5f', progress.line(at_step, values), lr)
+
   iterator = iter(dataset)
   stopping = False
-  with _StopRequest() as stop:
+  with StopRequest() as stop:
+    train_loop = training.make_train_loop(
+        strategy, replica_step, train_metrics, global_step, summary_steps,
+        report=report, learning_rate=schedule, stop_flag=stop.flag,
+        agree_on_stop=is_multi_worker(strategy))
     while step < train_steps and not stopping:
-      steps = min(steps_per_loop, train_steps - step,
+      steps = min(train_steps - step,
                   checkpoint_steps - step % checkpoint_steps)
       if monitor is not None:
         steps = min(steps, cfg.knn_monitor_steps -
                     step % cfg.knn_monitor_steps)
       with summary_writer.as_default():
-        train_loop(iterator, tf.constant(steps))
+        values = train_loop(iterator, tf.constant(steps))
       step = int(global_step.numpy())
-      values = {n: float(m.result()) for n, m in train_metrics.items()}
-      lr = float(schedule(tf.cast(step - 1, tf.float32)))
-      logging.info('%s | lr=%.5f', progress.line(step, values), lr)
-      with summary_writer.as_default():
-        for name, value in values.items():
-          tf.summary.scalar(f'train/{name}', value, step=step)
-        tf.summary.scalar('learning_rate', lr, step=step)
-      for metric in train_metrics.values():
-        metric.reset_states()
+      values = {name: float(value) for name, value in values.items()}
       if not all(math.isfinite(v) for v in values.values()):
         # Stop before the next save: no checkpoint holds the broken weights.
         shown = ', '.join(f'{k}={v:.4g}' for k, v in values.items())
@@ -587,7 +632,7 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
             f'{manager.latest_checkpoint or "none"}, nothing saved after it; '
             'lower --learning_rate or check the data.')
       # A signal to one worker stops them all, at the same step.
-      stopping = any_worker(strategy, stop.signal is not None)
+      stopping = any_worker(strategy, stop.requested)
       if (step % checkpoint_steps == 0 or step >= train_steps or stopping):
         manager.save(checkpoint_number=step)
       last = step >= train_steps

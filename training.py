@@ -128,15 +128,84 @@ def make_train_step(model, optimizer, config, strategy=None):
   return step
 
 
-def make_train_loop(strategy, replica_step):
-  """A tf.function running `replica_step(images, labels)` on every replica
-  for `steps` batches drawn from a distributed `iterator`: several steps per
-  call, so the host returns only between reports."""
+def make_train_loop(strategy, replica_step, train_metrics, iterations,
+                    summary_steps, report=None, learning_rate=None,
+                    stop_flag=None, agree_on_stop=False,
+                    summary_prefix='train/'):
+  """Returns `train_loop(iterator, steps)`: up to `steps` training steps in
+  one tf.function call, as the original's loop (a checkpoint interval per
+  call: on a TPU the host returns rarely, so the call's length is
+  throughput).
+
+  Reports go on inside the call: every `summary_steps` steps (0: none
+  inside) and after its last step, the means of `train_metrics` since the
+  previous report are written to the default summary writer as
+  `<summary_prefix><name>` (and `learning_rate(step - 1)`, the rate of the
+  step just taken, as `learning_rate`), handed to `report(step, {name:
+  value})` on the host (the progress line), and reset.
+
+  Args:
+    strategy: the distribution strategy; `replica_step(images, labels)` runs
+      on each of its replicas per step and updates `train_metrics`.
+    train_metrics: {name: keras.metrics.Mean}, created under the strategy.
+    iterations: the optimizer's step counter.
+    summary_steps: report every this many steps (by `iterations`).
+    report: Python callable `report(step, values)`, or None.
+    learning_rate: `fn(step) -> rate` to summarise, or None.
+    stop_flag: a boolean tf.Variable; once True (set by a signal handler's
+      thread, see run.StopRequest), the call ends before its next step.
+    agree_on_stop: several workers: they all see a stop request at the same
+      step (one scalar all-reduce per step).
+
+  Returns:
+    The function; it returns the last reported means {name: scalar}.
+  """
+  names = list(train_metrics)
+
+  def stop_requested():
+    if stop_flag is None:
+      return tf.constant(False)
+    if not agree_on_stop:
+      return stop_flag.read_value()
+    votes = strategy.experimental_distribute_values_from_function(
+        lambda _: tf.cast(stop_flag.read_value(), tf.float32))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
+
+  def on_host(step, *values):
+    report(int(step), dict(zip(names, (float(v) for v in values))))
+
+  def flush():
+    step = iterations.read_value()
+    values = {name: metric.result() for name, metric in train_metrics.items()}
+    with tf.name_scope(''):  # tags without the cond's scope
+      for name, value in values.items():
+        tf.summary.scalar(summary_prefix + name, value, step=step)
+      if learning_rate is not None:
+        tf.summary.scalar('learning_rate',
+                          learning_rate(tf.cast(step - 1, tf.float32)),
+                          step=step)
+    if report is not None:
+      tf.py_function(on_host, [step, *values.values()], [])
+    for metric in train_metrics.values():
+      for variable in metric.variables:
+        variable.assign(tf.zeros_like(variable))
+    return values
 
   @tf.function
   def train_loop(iterator, steps):
+    last = {name: tf.constant(0.) for name in names}
     for _ in tf.range(steps):
-      images, labels = next(iterator)
-      strategy.run(replica_step, (images, labels))
+      if stop_requested():
+        break
+      # The summaries' tags must not carry the loop's and conditions' name
+      # scopes ('while/cond/train/...').
+      with tf.name_scope(''):
+        images, labels = next(iterator)
+        strategy.run(replica_step, (images, labels))
+        if summary_steps and iterations % summary_steps == 0:
+          last = flush()
+    if train_metrics[names[0]].count > 0:  # steps since the last report
+      last = flush()
+    return last
 
   return train_loop

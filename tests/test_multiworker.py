@@ -165,6 +165,21 @@ def test_lost_worker_is_one_line_only_in_a_cluster(tmp_path, capsys,
     flags.FLAGS.unparse_flags()
 
 
+def test_lost_worker_named_from_the_heartbeat_error():
+  """The coordination service's wording (a worker stopped sending
+  heartbeats) names the lost task on the line after its first."""
+  text = ('Collective ops is aborted by: Error reported from '
+          '/job:worker/task:1: The following tasks are unhealthy (stopped '
+          'sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks '
+          'have crashed.')
+  line = run.lost_worker_message(
+      tf.errors.UnavailableError(None, None, text), '/m')
+  assert line.startswith('lost contact with /job:worker/replica:0/task:1 '
+                         '(UnavailableError: Collective ops is aborted by: '
+                         'Error reported from /job:worker/task:1: The '
+                         'following tasks are unhealthy')
+
+
 def free_ports(count):
   sockets = [socket.socket() for _ in range(count)]
   for s in sockets:

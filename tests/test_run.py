@@ -441,3 +441,45 @@ def test_truncated_checkpoint_given_to_finetune_is_named(pretrained,
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert f'{tmp_path}/ckpt-2' in last and 'corrupt' in last, last
+
+
+def test_loop_runs_a_checkpoint_interval_with_summaries_inside(
+    shapes10_dir, tmp_path, monkeypatch, caplog):
+  """As the original, one call of the training loop runs up to the next
+  checkpoint (--train_summary_steps does not shorten it); summaries and
+  progress lines come every train_summary_steps steps inside the call; the
+  run stops exactly at train_steps (the original finishes its last loop)."""
+  caplog.set_level('INFO', logger='absl')
+  import training  # pylint: disable=import-outside-toplevel
+  calls = []
+  original = training.make_train_loop
+
+  def recording(*args, **kwargs):
+    loop = original(*args, **kwargs)
+
+    def call(iterator, steps):
+      calls.append(int(steps))
+      return loop(iterator, steps)
+    return call
+
+  monkeypatch.setattr(training, 'make_train_loop', recording)
+  cfg = config_lib.Config(
+      dataset='shapes10', data_dir=str(shapes10_dir), resnet_depth=18,
+      width_multiplier=0.125, image_size=32, train_batch_size=8,
+      train_steps=7, checkpoint_steps=4, train_summary_steps=2,
+      use_blur=False, mode='train', model_dir=str(tmp_path),
+      use_tpu=False).validate()
+  run.run(cfg)
+  assert calls == [4, 3]
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-7')
+  lines = [l for l in caplog.text.splitlines() if ' | lr=' in l]
+  assert [l.split('step ')[1].split(' ')[0] for l in lines] == [
+      '2/7', '4/7', '6/7', '7/7']
+  steps = {}
+  for event_file in tmp_path.glob('events.out.tfevents.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+      for value in event.summary.value:
+        steps.setdefault(value.tag, []).append(event.step)
+  for tag in ('train/total_loss', 'train/contrast_loss', 'learning_rate'):
+    assert sorted(steps[tag]) == [2, 4, 6, 7], tag
+  assert sorted(steps['augmented_views']) == [2, 4, 6]
