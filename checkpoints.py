@@ -120,37 +120,26 @@ def schema_alternatives(schema):
   names. A '|' inside a group or a character class does not split.
   """
   inner = schema
-  if schema[:3] in ('(?!', '(?=') and _closing_paren(schema, 0) == len(
-      schema) - 1:
-    inner = schema[3:-1]
-  parts, depth, start, i = [], 0, 0, 0
-  in_class = False
-  while i < len(inner):
-    char = inner[i]
-    if char == '\\':
-      i += 2
-      continue
-    if in_class:
-      in_class = char != ']'
-    elif char == '[':
-      in_class = True
-    elif char == '(':
-      depth += 1
-    elif char == ')':
-      depth -= 1
-    elif char == '|' and depth == 0:
+  if schema[:3] in ('(?!', '(?='):
+    closes = [i for i, char, depth in _structure(schema)
+              if char == ')' and depth == 0]
+    if closes and closes[0] == len(schema) - 1:
+      inner = schema[3:-1]
+  parts, start = [], 0
+  for i, char, depth in _structure(inner):
+    if char == '|' and depth == 0:
       parts.append(inner[start:i])
       start = i + 1
-    i += 1
   parts.append(inner[start:])
   return parts
 
 
-def _closing_paren(text, open_at):
-  """Index of the ')' closing the '(' at `open_at` (-1 if none)."""
-  depth, i, in_class = 0, open_at, False
-  while i < len(text):
-    char = text[i]
+def _structure(pattern):
+  """(index, char, group depth after it) of each '(', ')' and '|' of a regex
+  that is not escaped nor inside a character class."""
+  depth, i, in_class = 0, 0, False
+  while i < len(pattern):
+    char = pattern[i]
     if char == '\\':
       i += 2
       continue
@@ -158,14 +147,10 @@ def _closing_paren(text, open_at):
       in_class = char != ']'
     elif char == '[':
       in_class = True
-    elif char == '(':
-      depth += 1
-    elif char == ')':
-      depth -= 1
-      if depth == 0:
-        return i
+    elif char in '()|':
+      depth += {'(': 1, ')': -1, '|': 0}[char]
+      yield i, char, depth
     i += 1
-  return -1
 
 
 def _unmatched_alternatives(schema, names):

@@ -129,12 +129,17 @@ def test_linear_evaluation_as_in_readme_leaves_the_encoder_unchanged(
 
 # The README's fine-tuning commands as restores: what --checkpoint gives the
 # model before the first step. The linear evaluation keeps encoder and
-# projection head, the 1%/10% command too; both zero the classifier.
-@pytest.mark.parametrize('command', ['linear_eval', 'subset_finetune'])
+# projection head, the 1%/10% command too; both zero the classifier. With a
+# schema that restores the classifier too, zero_init_logits_layer zeroes it
+# after the restore.
+@pytest.mark.parametrize('command', ['linear_eval', 'subset_finetune',
+                                     'whole_checkpoint'])
 def test_finetune_starts_from_the_checkpoint_with_a_zero_classifier(
     pretrained, tmp_path, command):
   model_dir, _ = pretrained
-  flags = {'linear_eval': FINETUNE, 'subset_finetune': IMAGENET_FINETUNE}
+  flags = {'linear_eval': FINETUNE, 'subset_finetune': IMAGENET_FINETUNE,
+           'whole_checkpoint': ['--variable_schema=.*',
+                                '--fine_tune_after_block=-1']}
   overrides = dict(a[2:].split('=', 1) for a in flags[command]
                    if a.startswith(('--variable_schema', '--fine_tune_after',
                                     '--ft_proj_selector')))
