@@ -62,7 +62,9 @@ def encoder_variable_count(saved_model):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   loaded = tf.saved_model.load(str(saved_model))
   names = [v.name for v in loaded.trainable_variables_list]
-  return sum(n.startswith('resnet/') for n in names), len(names)
+  # 'resnet/...', or 'resnet_<n>/...' for a model that was not the first
+  # of its process.
+  return sum(bool(re.match(r'resnet(_\d+)?/', n)) for n in names), len(names)
 
 
 def execute(name, tmp_path, monkeypatch, jupyter_path, **parameters):
