@@ -8,13 +8,18 @@ Field names, types and defaults are those of the original TF2 `run.py` flags,
 so that a flag means the same thing here as there.
 """
 import dataclasses
+import math
 import re
 from typing import Optional
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
-TRAIN_MODES = ('pretrain', 'finetune')
-MODES = ('train', 'eval', 'train_then_eval')
+# The original's, plus distill (SimCLRv2 distillation, distill.py).
+TRAIN_MODES = ('pretrain', 'finetune', 'distill')
+# The original's, plus convert (any checkpoint -> TF2 checkpoint and
+# SavedModel, convert_checkpoint.py).
+MODES = ('train', 'eval', 'train_then_eval', 'convert')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
+ON_CORRUPT = ('fail', 'skip')
 # Keras mixed-precision policies: layers compute in bfloat16 or float16,
 # variables, the loss and batch-norm statistics stay float32; float16 (for
 # GPUs) trains with dynamic loss scaling (training.with_loss_scaling).
@@ -131,6 +136,17 @@ class Config:
   resnet_depth: int = 50
   sk_ratio: float = 0.
   se_ratio: float = 0.
+  # Distillation (train_mode='distill', distill.py): the fine-tuned
+  # teacher's SavedModel, the temperature tau of both softmaxes, and the
+  # weight of the distillation term (1 - alpha weighs the labelled loss).
+  teacher: Optional[str] = None
+  distill_temperature: float = 1.0
+  distill_alpha: float = 1.0
+  # Conversion (mode='convert', convert_checkpoint.py): a factor for the
+  # encoder's conv kernels (SimCLRv1 -> v2 scale) and the largest output
+  # difference accepted, relative to the output's scale.
+  kernel_scale: float = 1.0
+  convert_tolerance: float = 1e-4
 
   @property
   def cifar_stem(self):
@@ -165,7 +181,7 @@ class Config:
     _one_of('learning_rate_scaling', self.learning_rate_scaling, LR_SCALINGS)
     _one_of('proj_head_mode', self.proj_head_mode, PROJ_HEAD_MODES)
     _one_of('resnet_depth', self.resnet_depth, RESNET_DEPTHS)
-    _one_of('on_corrupt', self.on_corrupt, ('fail', 'skip'))
+    _one_of('on_corrupt', self.on_corrupt, ON_CORRUPT)
     _one_of('precision', self.precision, PRECISIONS)
     _one_of('linear_eval_protocol', self.linear_eval_protocol,
             LINEAR_EVAL_PROTOCOLS)
@@ -223,6 +239,31 @@ class Config:
       raise ConfigError(
           'proj_head_mode=none with train_mode=pretrain: the contrastive loss '
           'needs a projection head (linear or nonlinear).')
+    for name in ('learning_rate', 'momentum', 'distill_temperature',
+                 'distill_alpha', 'kernel_scale', 'convert_tolerance'):
+      if not math.isfinite(getattr(self, name)):
+        raise ConfigError(f'{name}={getattr(self, name)}: expected a finite '
+                          'number.')
+    if self.train_mode == 'distill':
+      if not self.teacher:
+        raise ConfigError('train_mode=distill needs --teacher: the '
+                          'SavedModel of the fine-tuned teacher.')
+      if self.distill_temperature <= 0:
+        raise ConfigError(f'distill_temperature={self.distill_temperature}: '
+                          'expected a positive number.')
+      if not 0 <= self.distill_alpha <= 1:
+        raise ConfigError(f'distill_alpha={self.distill_alpha}: expected a '
+                          'weight in [0, 1].')
+    if self.mode == 'convert':
+      if not self.checkpoint or not self.model_dir:
+        raise ConfigError('mode=convert needs --checkpoint (the checkpoint '
+                          'to convert) and --model_dir (an output '
+                          'directory).')
+      if self.kernel_scale <= 0 or self.convert_tolerance < 0:
+        raise ConfigError(
+            f'kernel_scale={self.kernel_scale}, convert_tolerance='
+            f'{self.convert_tolerance}: expected a positive scale and a '
+            'tolerance >= 0.')
     if self.use_ema_weights and not self.checkpoint:
       raise ConfigError('use_ema_weights=True without --checkpoint: it '
                         'chooses the EMA weights of the checkpoint restored.')

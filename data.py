@@ -323,6 +323,14 @@ def num_input_pipelines(strategy):
   return max(1, len(jobs.get('chief', [])) + len(jobs.get('worker', [])))
 
 
+def check_divisible(global_batch_size, replicas, name='batch size'):
+  """Raises DatasetError (one line) unless the batch splits evenly."""
+  if global_batch_size % replicas:
+    raise DatasetError(
+        f'{name}={global_batch_size} is not divisible by the {replicas} '
+        f'replicas: use a multiple of {replicas}.')
+
+
 def build_distributed_dataset(source, global_batch_size, is_training,
                               strategy, config, split=None, max_examples=0):
   """The per-replica pipeline distributed over `strategy`'s replicas.
@@ -330,10 +338,7 @@ def build_distributed_dataset(source, global_batch_size, is_training,
   `split` and `max_examples` (eval only) are those of `build_input_fn`.
   """
   replicas = strategy.num_replicas_in_sync
-  if global_batch_size % replicas:
-    raise DatasetError(
-        f'batch size {global_batch_size} is not divisible by the '
-        f'{replicas} replicas: use a multiple of {replicas}.')
+  check_divisible(global_batch_size, replicas)
   input_fn = build_input_fn(source, global_batch_size, is_training, config,
                             num_replicas=replicas, split=split,
                             max_examples=max_examples)

@@ -37,7 +37,7 @@ fine-tuned models, or one exported by run.py (also by its --mode=convert).
 This module reads no flags: run.py's `--train_mode=distill` calls `distill`
 with its Config; the notebook calls the pieces directly.
 """
-import math
+import contextlib
 import os
 
 from absl import logging
@@ -49,8 +49,8 @@ import config as config_lib
 import data as data_lib
 import export
 import model as model_lib
+import runtime
 import training
-import run  # the strategy, model, step plan and resume logic of run.py
 
 def soft_cross_entropy(teacher_logits, student_logits, temperature=1.0):
   """Per example -sum_y softmax(t / tau)_y * log softmax(s / tau)_y.
@@ -128,7 +128,8 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
     student: a `model.Model` with train_mode='finetune' (returns logits).
     teacher: a loaded SavedModel (see `teacher_logits`).
     optimizer: updates the student's trainable variables.
-    config: the student's `Config` (weight decay as in training.py).
+    config: the student's `Config` (weight decay, precision and XLA as in
+      training.make_step, which this builds on).
     temperature, alpha: see `distillation_loss`.
     strategy: the distribution strategy, to scale the loss per replica.
 
@@ -137,26 +138,13 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
   (with labels), `weight_decay` and `agreement` (fraction of the batch whose
   student top-1 is the teacher's).
   """
-  num_replicas = strategy.num_replicas_in_sync if strategy else 1
-  optimizer = training.with_loss_scaling(optimizer, config, strategy)
-
-  def step(images, labels):
-    target = teacher_logits(teacher, images)
-    with tf.GradientTape() as tape:
-      _, logits = student(images, training=True)
-      loss = distillation_loss(target, logits, temperature, labels, alpha)
-      weight_decay = model_lib.add_weight_decay(student, config)
-      total = loss + weight_decay
-      scaled = training.scale_loss(optimizer, total / num_replicas)
-    variables = student.trainable_variables
-    grads = training.unscale_gradients(
-        optimizer, tape.gradient(scaled, variables))
-    # Layers the logits do not depend on (a projection head the classifier
-    # does not read) have no gradient: leave them out rather than warn.
-    optimizer.apply_gradients(
-        [(g, v) for g, v in zip(grads, variables) if g is not None])
+  def loss_terms(images, labels_and_target):
+    labels, target = labels_and_target
+    _, logits = student(images, training=True)
+    weight_decay = model_lib.add_weight_decay(student, config)
     return {
-        'total_loss': total,
+        'total_loss': distillation_loss(target, logits, temperature, labels,
+                                        alpha) + weight_decay,
         'distill_loss': tf.reduce_mean(
             soft_cross_entropy(target, logits, temperature)),
         'supervised_loss': tf.reduce_mean(
@@ -164,6 +152,14 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
         'weight_decay': weight_decay,
         'agreement': agreement(target, logits),
     }
+
+  update = training.make_step(student, optimizer, config, strategy,
+                              loss_terms)
+
+  def step(images, labels):
+    # The teacher runs outside the gradient tape: none of its activations
+    # are kept for the backward pass.
+    return update(images, (labels, teacher_logits(teacher, images)))
 
   return step
 
@@ -229,43 +225,34 @@ def evaluate(student, teacher, dataset, steps=None, with_labels=True):
   return result
 
 
-def check_config(cfg, temperature, alpha):
-  """Raises ConfigError (one line) for what distillation cannot use."""
-  if not cfg.model_dir:
-    raise config_lib.ConfigError('--model_dir is required: where the '
-                                 "student's checkpoints and SavedModel go.")
-  if not temperature > 0:
-    raise config_lib.ConfigError(
-        f'--distill_temperature={temperature}: expected a positive number.')
-  if not 0 <= alpha <= 1:
-    raise config_lib.ConfigError(
-        f'--distill_alpha={alpha}: expected a weight in [0, 1].')
-
-
-def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
-  """Trains a student on `cfg.dataset` from the teacher, evaluates, exports.
+def distill(cfg):
+  """Trains a student on `cfg.dataset` from `cfg.teacher`, evaluates,
+  exports; the runtime's loop (runtime.train) does the training, so resuming,
+  stop requests, divergence and several workers behave as in pretraining.
 
   Args:
-    cfg: the student's `Config` (run.py's flags; train_mode is set to
-      finetune: the student is encoder + classifier, all trained).
-    teacher_path: SavedModel of the teacher.
-    temperature, alpha: see `distillation_loss`.
+    cfg: the run's `Config` with train_mode='distill': the student is built
+      from its model flags as a fine-tuning model (encoder and classifier,
+      all trained); `teacher`, `distill_temperature` and `distill_alpha`
+      (see `distillation_loss`).
 
   Returns:
     The evaluation dict (see `evaluate`) plus `global_step`, or None when
     stopped by a signal before the last step.
   """
-  check_config(cfg, temperature, alpha)
+  cfg = cfg.validate()
+  temperature, alpha = cfg.distill_temperature, cfg.distill_alpha
   cfg = cfg.replace(train_mode='finetune').validate()
   source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
   num_train = source.num_examples(cfg.train_split)
   source.num_examples(cfg.eval_split)  # fails early if the split is absent
-  if cfg.checkpoint:
-    checkpoints.check_checkpoint(cfg.checkpoint, cfg.use_ema_weights)
-  strategy = run.build_strategy(cfg)
-  run._check_writable(cfg.model_dir)  # pylint: disable=protected-access
-  with strategy.scope():
-    teacher, num_classes = load_teacher(teacher_path)
+  strategy = runtime.prepare(cfg)
+  # Several workers: the teacher stays a plain (per-process) copy; loading it
+  # under MultiWorkerMirroredStrategy's scope makes its restored functions
+  # refuse to run ("a graph generated from the cross-replica context").
+  with (contextlib.nullcontext() if runtime.is_multi_worker(strategy)
+        else strategy.scope()):
+    teacher, num_classes = load_teacher(cfg.teacher)
   with_labels = num_classes == source.num_classes
   if alpha < 1 and not with_labels:
     raise config_lib.ConfigError(
@@ -274,20 +261,16 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
         'use --distill_alpha=1.')
   if not with_labels:
     logging.info('Teacher has %d classes, %s has %d: distilling without '
-                  'labels, reporting agreement only.', num_classes,
-                  cfg.dataset, source.num_classes)
-  student = run.build_model(cfg, num_classes, strategy)
+                 'labels, reporting agreement only.', num_classes,
+                 cfg.dataset, source.num_classes)
+  student = runtime.build_model(cfg, num_classes, strategy)
   logging.info('Student: ResNet-%d width %s, %d parameters; teacher %s',
                cfg.resnet_depth, cfg.width_multiplier,
                sum(int(tf.size(v)) for v in student.trainable_variables),
-               teacher_path)
-
-  train_steps, checkpoint_steps, summary_steps = run.step_plan(cfg, num_train)
+               cfg.teacher)
+  # A teacher of other classes than the dataset's: labels only masked out.
+  relabelled = source if with_labels else _Relabelled(source, num_classes)
   with strategy.scope():
-    # A teacher of other classes than the dataset's: labels only masked out.
-    train_source = source if with_labels else _Relabelled(source, num_classes)
-    dataset = data_lib.build_distributed_dataset(
-        train_source, cfg.train_batch_size, True, strategy, cfg)
     schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate, num_train,
                                               cfg)
     optimizer = model_lib.build_optimizer(schedule, cfg)
@@ -295,12 +278,6 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
     if with_labels:
       names.insert(2, 'supervised_loss')
     train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
-    checkpoint = tf.train.Checkpoint(
-        model=student, global_step=optimizer.iterations, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(
-        checkpoint, cfg.model_dir, max_to_keep=cfg.keep_checkpoint_max)
-    run.restore_or_initialise(cfg, student, manager)
-
   step_fn = make_distill_step(student, teacher, optimizer, cfg, temperature,
                               alpha, strategy)
 
@@ -309,48 +286,31 @@ def distill(cfg, teacher_path, temperature=1.0, alpha=1.0):
     for name, metric in train_metrics.items():
       metric.update_state(terms[name])
 
-  writer = tf.summary.create_file_writer(cfg.model_dir)
-  step = int(optimizer.iterations.numpy())
-  progress = run.Progress(train_steps, cfg.train_batch_size, step)
+  def make_dataset(start_step):
+    return data_lib.build_distributed_dataset(
+        relabelled, cfg.train_batch_size, True, strategy,
+        cfg.replace(seed=data_lib.resumed_seed(cfg.seed, start_step)))
 
-  def report(at_step, values):
-    logging.info('%s | lr=%.5f', progress.line(at_step, values),
-                 float(schedule(tf.cast(at_step - 1, tf.float32))))
-
-  iterator = iter(dataset)
-  with run.StopRequest() as stop:
-    train_loop = training.make_train_loop(
-        strategy, replica_step, train_metrics, optimizer.iterations,
-        summary_steps, report=report, stop_flag=stop.flag,
+  with runtime.output_dir(cfg, strategy) as out_dir:
+    manager, finished = runtime.train(
+        cfg, strategy, student, optimizer, schedule, replica_step,
+        train_metrics, make_dataset, num_train, out_dir,
         summary_prefix='distill/')
-    while step < train_steps and not stop.requested:
-      steps = min(train_steps - step,
-                  checkpoint_steps - step % checkpoint_steps)
-      with writer.as_default():
-        values = train_loop(iterator, tf.constant(steps))
-      step = int(optimizer.iterations.numpy())
-      if not all(math.isfinite(float(v)) for v in values.values()):
-        raise run.TrainingDiverged(
-            f'non-finite loss by step {step}; last good checkpoint: '
-            f'{manager.latest_checkpoint or "none"}; lower --learning_rate.')
-      if (step % checkpoint_steps == 0 or step >= train_steps or
-          stop.requested):
-        manager.save(checkpoint_number=step)
-  if stop.requested and step < train_steps:
-    logging.info('Stopped by signal %s at step %d after saving; rerun the '
-                 'same command to resume.', stop.signal, step)
-    return None
-
-  eval_source = source if with_labels else _Relabelled(source, num_classes)
-  eval_data = data_lib.build_input_fn(eval_source, cfg.eval_batch_size,
-                                      False, cfg)()
-  result = evaluate(student, teacher, eval_data,
-                    steps=cfg.eval_steps or None, with_labels=with_labels)
-  result['global_step'] = step
-  logging.info('Distillation results: %s', result)
-  run._write_json(os.path.join(cfg.model_dir, 'result.json'), result)  # pylint: disable=protected-access
-  export.export_and_rotate(student, cfg.model_dir, step,
-                           cfg.keep_hub_module_max)
+    if not finished:
+      return None
+    latest = manager.latest_checkpoint or tf.train.latest_checkpoint(
+        cfg.model_dir)
+    step = int(latest.rsplit('-', 1)[1])
+    eval_data = data_lib.build_input_fn(relabelled, cfg.eval_batch_size,
+                                        False, cfg)()
+    result = evaluate(student, teacher, eval_data,
+                      steps=cfg.eval_steps or None, with_labels=with_labels)
+    result['global_step'] = step
+    logging.info('Distillation results: %s', result)
+    if runtime.is_chief(strategy):
+      runtime.write_json(os.path.join(cfg.model_dir, 'result.json'), result)
+    # Every worker exports (the others to their temporary out_dir).
+    export.export_and_rotate(student, out_dir, step, cfg.keep_hub_module_max)
   return result
 
 

@@ -12,7 +12,7 @@ import math
 import tensorflow as tf
 import tf_keras as keras
 
-import data_util
+import augment_batch
 import lars_optimizer
 import resnet
 
@@ -130,7 +130,8 @@ class Model(keras.models.Model):
 
   def __init__(self, num_classes, config, **kwargs):
     super().__init__(**kwargs)
-    self.config = config
+    # Every setting is checked once, by Config.validate (ConfigError).
+    self.config = config.validate()
     bn_args = dict(global_bn=config.global_bn,
                    batch_norm_decay=config.batch_norm_decay,
                    fused=config.use_fused_batch_norm)
@@ -165,14 +166,11 @@ class Model(keras.models.Model):
   def __call__(self, inputs, training):
     cfg = self.config
     pretraining = training and cfg.train_mode == 'pretrain'
-    if pretraining and cfg.fine_tune_after_block > -1:
-      raise ValueError('fine_tune_after_block > -1 freezes layers, which '
-                       'pretraining does not support; use -1.')
     views = tf.split(inputs, 2 if pretraining else 1, axis=-1)
     if pretraining and cfg.use_blur:
       # Blur is batched here rather than per example in the input pipeline.
-      views = data_util.batch_random_blur(views, cfg.image_size,
-                                          cfg.image_size)
+      views = augment_batch.batch_random_blur(views, cfg.image_size,
+                                              cfg.image_size)
     # The TF1 linear-evaluation protocol: a frozen encoder's batch norm uses
     # and keeps its moving statistics while the heads train. (Exports keep
     # the released meaning of `trainable`: see `endpoints`.)

@@ -1,17 +1,28 @@
-"""One SimCLR training step: losses of a replica's batch and the update.
+"""Pretraining and fine-tuning: the SimCLR step, and the mode that trains,
+evaluates and exports with it.
 
-`run.py` wraps `make_train_step` in its loop; tests call it directly. The
-loss arithmetic is the original's, so the same weights and batch give the
-same losses and optimizer updates.
+The step (`compute_losses`, `make_train_step`): the loss terms of one
+replica's batch and the update, with the original's arithmetic, so the same
+weights and batch give the same losses and optimizer updates; tests call it
+directly. The mode (`run`, `train`, `evaluate`): what run.py's
+--train_mode=pretrain|finetune runs, on the runtime's loop (runtime.py).
 """
 import contextlib
+import dataclasses
+import os
 
+from absl import logging
 import tensorflow as tf
 import tf_keras as keras
 
+import config as config_lib
+import data as data_lib
+import export
+import knn_monitor
 import metrics
 import model as model_lib
 import objective
+import runtime
 
 
 def compute_losses(model, features, labels, config, strategy=None):
@@ -92,32 +103,39 @@ def unscale_gradients(optimizer, grads):
   return grads
 
 
-def make_train_step(model, optimizer, config, strategy=None):
+def make_step(model, optimizer, config, strategy, loss_terms):
   """Returns `step(features, labels) -> loss terms`, run inside a replica.
 
-  Each replica's loss is divided by the number of replicas because the
-  optimizer sums gradients over replicas: N replicas of B/N examples then
-  update like one replica of B examples. With mixed_float16 the loss is
-  scaled (see `with_loss_scaling`).
+  `loss_terms(features, labels)` computes {name: scalar} with `total_loss`
+  (called inside the gradient tape; `labels` may be any structure); the
+  step differentiates it with respect to the model's trainable variables
+  and applies the update. Each replica's loss is divided by the number of
+  replicas because the optimizer sums gradients over replicas: N replicas
+  of B/N examples then update like one replica of B examples. With
+  mixed_float16 the loss is scaled (see `with_loss_scaling`); with
+  `config.jit_compile` the forward and backward pass are XLA-compiled (one
+  replica per process: runtime.check_strategy). Every trainable variable
+  goes to the optimizer, also those the loss does not reach (a projection
+  head the classifier does not read: Keras skips them with a warning), as
+  in the original: the optimizer numbers its slots (`optimizer/_variables/
+  <i>` in checkpoints) in that order.
   """
   num_replicas = strategy.num_replicas_in_sync if strategy else 1
   optimizer = with_loss_scaling(optimizer, config, strategy)
 
   def forward_backward(features, labels):
     with tf.GradientTape() as tape:
-      terms = compute_losses(model, features, labels, config, strategy)
+      terms = loss_terms(features, labels)
       loss = scale_loss(optimizer, terms['total_loss'] / num_replicas)
     grads = tape.gradient(loss, model.trainable_variables)
     return terms, unscale_gradients(optimizer, grads)
 
-  on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
-  if config.jit_compile and not on_tpu:
+  if config.jit_compile and not isinstance(strategy,
+                                           tf.distribute.TPUStrategy):
     # XLA fuses the forward and backward pass (TPUs compile everything
     # anyway). A nested tf.function cannot hold the cross-replica
-    # synchronisation of sync batch norm and the NT-Xent negatives.
-    if num_replicas > 1:
-      raise ValueError(f'jit_compile=True with {num_replicas} replicas: XLA '
-                       'compilation of the step needs one replica per process.')
+    # synchronisation of sync batch norm and the NT-Xent negatives, hence
+    # one replica.
     forward_backward = tf.function(forward_backward, jit_compile=True)
 
   def step(features, labels):
@@ -128,84 +146,210 @@ def make_train_step(model, optimizer, config, strategy=None):
   return step
 
 
-def make_train_loop(strategy, replica_step, train_metrics, iterations,
-                    summary_steps, report=None, learning_rate=None,
-                    stop_flag=None, agree_on_stop=False,
-                    summary_prefix='train/'):
-  """Returns `train_loop(iterator, steps)`: up to `steps` training steps in
-  one tf.function call, as the original's loop (a checkpoint interval per
-  call: on a TPU the host returns rarely, so the call's length is
-  throughput).
+def make_train_step(model, optimizer, config, strategy=None):
+  """`make_step` with the SimCLR losses (`compute_losses`): pretraining or
+  fine-tuning as `config.train_mode` says."""
+  return make_step(
+      model, optimizer, config, strategy,
+      lambda features, labels: compute_losses(model, features, labels,
+                                              config, strategy))
 
-  Reports go on inside the call: every `summary_steps` steps (0: none
-  inside) and after its last step, the means of `train_metrics` since the
-  previous report are written to the default summary writer as
-  `<summary_prefix><name>` (and `learning_rate(step - 1)`, the rate of the
-  step just taken, as `learning_rate`), handed to `report(step, {name:
-  value})` on the host (the progress line), and reset.
 
-  Args:
-    strategy: the distribution strategy; `replica_step(images, labels)` runs
-      on each of its replicas per step and updates `train_metrics`.
-    train_metrics: {name: keras.metrics.Mean}, created under the strategy.
-    iterations: the optimizer's step counter.
-    summary_steps: report every this many steps (by `iterations`).
-    report: Python callable `report(step, values)`, or None.
-    learning_rate: `fn(step) -> rate` to summarise, or None.
-    stop_flag: a boolean tf.Variable; once True (set by a signal handler's
-      thread, see run.StopRequest), the call ends before its next step.
-    agree_on_stop: several workers: they all see a stop request at the same
-      step (one scalar all-reduce per step).
+def run_knn_monitor(cfg, monitor, step):
+  """Logs and returns the kNN monitor's top-1 accuracy at `step`."""
+  knn = monitor.evaluate()
+  logging.info('kNN monitor at step %d: top-1 %.4f (k=%d, T=%g; %d eval '
+               'examples vs a bank of %d train examples; %.1f s)', step,
+               knn.top_1_accuracy, cfg.knn_k, cfg.knn_temperature,
+               knn.num_queries, knn.num_bank, knn.seconds)
+  return knn.top_1_accuracy
 
-  Returns:
-    The function; it returns the last reported means {name: scalar}.
+
+def train(cfg, source, strategy, model, num_train_examples, out_dir,
+          monitor=None):
+  """Pretrains or fine-tunes `model` with the runtime's loop; returns
+  (CheckpointManager, finished) as `runtime.train`.
+
+  Metrics are means over every replica of every worker. With a
+  `knn_monitor.KnnMonitor`, its accuracy is logged and summarised every
+  `cfg.knn_monitor_steps` steps and at the last step (unless the final
+  evaluation of --mode=train_then_eval is about to report it).
   """
-  names = list(train_metrics)
+  _, _, summary_steps = runtime.step_plan(cfg, num_train_examples)
+  with strategy.scope():
+    schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate,
+                                              num_train_examples, cfg)
+    optimizer = model_lib.build_optimizer(schedule, cfg)
+    names = ['total_loss', 'weight_decay']
+    if cfg.train_mode == 'pretrain':
+      names += ['contrast_loss', 'contrast_acc', 'contrast_entropy']
+    if cfg.has_supervised_head:
+      names += ['supervised_loss', 'supervised_acc']
+    train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
+  step_fn = make_train_step(model, optimizer, cfg, strategy)
 
-  def stop_requested():
-    if stop_flag is None:
-      return tf.constant(False)
-    if not agree_on_stop:
-      return stop_flag.read_value()
-    votes = strategy.experimental_distribute_values_from_function(
-        lambda _: tf.cast(stop_flag.read_value(), tf.float32))
-    return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
+  def replica_step(images, labels):
+    # Written before the step so it can overlap; what the model trains on,
+    # view 1 next to view 2 for pretraining.
+    record = tf.equal((optimizer.iterations + 1) % summary_steps, 0)
+    with tf.summary.record_if(record):
+      tf.summary.image('augmented_views', metrics.view_pairs(images),
+                       step=optimizer.iterations + 1, max_outputs=4)
+    terms = step_fn(images, labels['labels'])
+    for name, metric in train_metrics.items():
+      metric.update_state(terms[name])
 
-  def on_host(step, *values):
-    report(int(step), dict(zip(names, (float(v) for v in values))))
+  def make_dataset(start_step):
+    # A resumed seeded run draws new batches (from the seed and the step)
+    # rather than replaying those of the first steps.
+    return data_lib.build_distributed_dataset(
+        source, cfg.train_batch_size, True, strategy,
+        cfg.replace(seed=data_lib.resumed_seed(cfg.seed, start_step)))
 
-  def flush():
-    step = iterations.read_value()
-    values = {name: metric.result() for name, metric in train_metrics.items()}
-    with tf.name_scope(''):  # tags without the cond's scope
-      for name, value in values.items():
-        tf.summary.scalar(summary_prefix + name, value, step=step)
-      if learning_rate is not None:
-        tf.summary.scalar('learning_rate',
-                          learning_rate(tf.cast(step - 1, tf.float32)),
-                          step=step)
-    if report is not None:
-      tf.py_function(on_host, [step, *values.values()], [])
-    for metric in train_metrics.values():
-      for variable in metric.variables:
-        variable.assign(tf.zeros_like(variable))
-    return values
+  periodic = None
+  if monitor is not None:
+    def knn(step, last):
+      if last and cfg.mode == 'train_then_eval':
+        return  # the final evaluation reports it
+      tf.summary.scalar('eval/knn_top_1_accuracy',
+                        run_knn_monitor(cfg, monitor, step), step=step)
+    periodic = runtime.Periodic(cfg.knn_monitor_steps, knn)
+  return runtime.train(cfg, strategy, model, optimizer, schedule,
+                       replica_step, train_metrics, make_dataset,
+                       num_train_examples, out_dir, periodic=periodic)
+
+
+def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
+             out_dir, monitor=None):
+  """Evaluates a checkpoint; writes results and a SavedModel.
+
+  Results: top-1/top-5 of the supervised head over the eval split (the
+  linear head trained while pretraining, or the fine-tuned classifier), and
+  with a `knn_monitor.KnnMonitor` the kNN top-1 accuracy of the encoder.
+  Every worker evaluates its share; the metrics are means over all of them
+  and the chief alone writes results and summaries. The SavedModel goes to
+  `out_dir` (see `output_dir`).
+  """
+  linear = cfg.has_supervised_head
+  if not linear and monitor is None:
+    logging.info('Skipping eval during pretraining without linear eval or '
+                 'kNN monitor.')
+    return None
+  replicas = strategy.num_replicas_in_sync
+  steps = cfg.eval_steps or data_lib.eval_steps(
+      num_eval_examples, cfg.eval_batch_size, replicas,
+      data_lib.num_input_pipelines(strategy))
+  with strategy.scope():
+    dataset = data_lib.build_distributed_dataset(
+        source, cfg.eval_batch_size, False, strategy, cfg)
+    top1 = keras.metrics.Mean('eval/label_top_1_accuracy')
+    top5 = keras.metrics.Mean('eval/label_top_5_accuracy')
+    reg_loss = keras.metrics.Mean('eval/regularization_loss')
+    checkpoint = tf.train.Checkpoint(
+        model=model, global_step=tf.Variable(0, dtype=tf.int64))
+    checkpoint.restore(ckpt_path).expect_partial()
+  global_step = int(checkpoint.global_step.numpy())
+  logging.info('Evaluating %s at step %d over %d steps', ckpt_path,
+               global_step, steps)
+
+  def replica_step(images, labels):
+    _, logits = model(images, training=False)
+    onehot, mask = labels['labels'], labels['mask']
+    truth = tf.argmax(onehot, 1)
+    hit1 = tf.cast(tf.equal(tf.argmax(logits, 1), truth), tf.float32)
+    hit5 = tf.cast(tf.math.in_top_k(truth, logits, 5), tf.float32)
+    top1.update_state(hit1, sample_weight=mask)
+    top5.update_state(hit5, sample_weight=mask)
+    reg_loss.update_state(model_lib.add_weight_decay(model, cfg))
 
   @tf.function
-  def train_loop(iterator, steps):
-    last = {name: tf.constant(0.) for name in names}
-    for _ in tf.range(steps):
-      if stop_requested():
-        break
-      # The summaries' tags must not carry the loop's and conditions' name
-      # scopes ('while/cond/train/...').
-      with tf.name_scope(''):
-        images, labels = next(iterator)
-        strategy.run(replica_step, (images, labels))
-        if summary_steps and iterations % summary_steps == 0:
-          last = flush()
-    if train_metrics[names[0]].count > 0:  # steps since the last report
-      last = flush()
-    return last
+  def eval_step(iterator):
+    images, labels = next(iterator)
+    strategy.run(replica_step, (images, labels))
 
-  return train_loop
+  result = {}
+  if linear:
+    iterator = iter(dataset)
+    for _ in range(steps):
+      eval_step(iterator)
+    result = {m.name: float(m.result()) for m in (reg_loss, top1, top5)}
+  if monitor is not None:
+    result['eval/knn_top_1_accuracy'] = run_knn_monitor(cfg, monitor,
+                                                        global_step)
+  result['global_step'] = global_step
+  logging.info('Eval results: %s', result)
+  if runtime.is_chief(strategy):
+    writer = tf.summary.create_file_writer(cfg.model_dir)
+    with writer.as_default():
+      for name, value in result.items():
+        if name != 'global_step':
+          tf.summary.scalar(name, value, step=global_step)
+    writer.flush()
+    for name in ('result.json', f'result_{global_step}.json'):
+      runtime.write_json(os.path.join(cfg.model_dir, name), result)
+    # The Config this run used (its fields are the flags' names).
+    runtime.write_json(os.path.join(cfg.model_dir, 'flags.json'),
+                       dataclasses.asdict(cfg))
+  export.export_and_rotate(model, out_dir, global_step,
+                           cfg.keep_hub_module_max)
+  return result
+
+
+def run(cfg):
+  """Pretraining or fine-tuning (`cfg.train_mode`): runs `cfg.mode`
+  (train, eval or train_then_eval) for the run `cfg` describes; returns the
+  evaluation result or None."""
+  source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
+  num_train = source.num_examples(cfg.train_split)
+  num_eval = (source.num_examples(cfg.eval_split)  # fails early if absent
+              if cfg.mode != 'train' or cfg.knn_monitor_steps else 0)
+  if cfg.mode == 'eval' and runtime.tf_config_names_workers():
+    # Each worker would follow model_dir's checkpoints on its own timing.
+    raise config_lib.ConfigError(
+        '--mode=eval with several workers is not supported: run it in one '
+        'process, without TF_CONFIG (or use --mode=train_then_eval).')
+  strategy = runtime.prepare(cfg)
+  if runtime.is_chief(strategy) and cfg.dataset.startswith(
+      data_lib.FOLDER_PREFIX):
+    source.write_class_names(cfg.model_dir)
+  model = runtime.build_model(cfg, source.num_classes, strategy)
+  with runtime.output_dir(cfg, strategy) as out_dir:
+    return _run_mode(cfg, source, strategy, model, num_train, num_eval,
+                     out_dir)
+
+
+def _run_mode(cfg, source, strategy, model, num_train, num_eval, out_dir):
+  train_steps = model_lib.get_train_steps(num_train, cfg)
+  monitor = None
+  if cfg.knn_monitor_steps:
+    monitor = knn_monitor.KnnMonitor(
+        source, strategy, cfg,
+        lambda images: model.resnet_model(images, training=False))
+  if cfg.mode == 'eval':
+    result = None
+    for ckpt in tf.train.checkpoints_iterator(cfg.model_dir,
+                                              min_interval_secs=15):
+      result = evaluate(cfg, source, strategy, model, ckpt, num_eval, out_dir,
+                        monitor)
+      if result is None or result['global_step'] >= train_steps:
+        logging.info('Eval complete.')
+        return result
+    return result
+  manager, finished = train(cfg, source, strategy, model, num_train, out_dir,
+                            monitor)
+  if not finished:
+    return None
+  # A non-chief worker that found training complete saved nothing itself;
+  # model_dir is then not being written.
+  latest = manager.latest_checkpoint or tf.train.latest_checkpoint(
+      cfg.model_dir)
+  if cfg.mode == 'train_then_eval':
+    # Evaluation exports the SavedModel of the evaluated checkpoint.
+    return evaluate(cfg, source, strategy, model, latest, num_eval, out_dir,
+                    monitor)
+  step = int(latest.rsplit('-', 1)[1])
+  exported = os.path.join(cfg.model_dir, 'saved_model', str(step))
+  # Every worker exports (to out_dir), as the chief decides.
+  if runtime.chief_decides(strategy, not tf.io.gfile.exists(exported)):
+    export.export_and_rotate(model, out_dir, step, cfg.keep_hub_module_max)
+  return None

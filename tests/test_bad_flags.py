@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import conftest
 import helpers
-import run
+import runtime
+import training
 
 TFDS = conftest.SHARED / 'tfds'
 
@@ -81,7 +82,7 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys, monkeypatch, args,
                                        expected):
   conftest.require(TFDS)
   built = []
-  monkeypatch.setattr(run, 'build_model',
+  monkeypatch.setattr(runtime, 'build_model',
                       lambda *a: built.append(a) or pytest.fail('built'))
   assert main_exit_code(base(tmp_path) + args) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -102,7 +103,7 @@ def test_out_of_memory_gives_a_hint(tmp_path, capsys, monkeypatch):
   def exhausted(cfg):
     del cfg
     raise tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating')
-  monkeypatch.setattr(run, 'run', exhausted)
+  monkeypatch.setattr(training, 'run', exhausted)
   assert main_exit_code(base(tmp_path) + ['--train_batch_size=4096']) == 2
   last = capsys.readouterr().err.strip().splitlines()[-1]
   assert last.startswith('error: out of memory with --train_batch_size=4096')

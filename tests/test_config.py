@@ -106,3 +106,27 @@ def test_flagfile_sets_the_config(tmp_path):
               'finetune', 1.5, False, 34, '(?!global_step|head)')
   # Everything else keeps the original's defaults.
   assert cfg.temperature == 0.1 and cfg.train_batch_size == 512
+
+
+def test_every_flag_is_a_config_field_and_back():
+  """One configuration channel: run.py defines exactly one flag per Config
+  field, with the field's default and, for choices, the Config's list."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  defined = {f.name: f for f in flags.FLAGS.get_flags_for_module(run)}
+  fields = {f.name: f for f in dataclasses.fields(config_lib.Config)}
+  assert sorted(defined) == sorted(fields)
+  default = config_lib.Config()
+  for name, flag in defined.items():
+    assert flag.default == getattr(default, name), name
+  choices = {
+      'learning_rate_scaling': config_lib.LR_SCALINGS,
+      'mode': config_lib.MODES, 'train_mode': config_lib.TRAIN_MODES,
+      'optimizer': config_lib.OPTIMIZERS,
+      'proj_head_mode': config_lib.PROJ_HEAD_MODES,
+      'precision': config_lib.PRECISIONS,
+      'on_corrupt': config_lib.ON_CORRUPT,
+      'linear_eval_protocol': config_lib.LINEAR_EVAL_PROTOCOLS}
+  enums = {n for n, f in defined.items() if hasattr(f.parser, 'enum_values')}
+  assert enums == set(choices)
+  for name, allowed in choices.items():
+    assert list(defined[name].parser.enum_values) == list(allowed), name

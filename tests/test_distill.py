@@ -102,16 +102,20 @@ def test_bad_loss_arguments(kwargs, expected):
     distill.distillation_loss(tf.zeros([1, 3]), tf.zeros([1, 3]), **kwargs)
 
 
-def test_bad_teacher_is_one_line(tmp_path):
+def test_bad_teacher_is_one_line(tmp_path, shapes10_dir):
   cfg = config_lib.Config(model_dir=str(tmp_path / 'm'), dataset='shapes10',
-                          use_tpu=False)
+                          data_dir=str(shapes10_dir), eval_split='test',
+                          use_tpu=False, train_mode='distill',
+                          teacher=str(tmp_path))
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'--teacher=.*not a SavedModel'):
     distill.load_teacher(str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match='distill_temperature'):
-    distill.distill(cfg, str(tmp_path), temperature=-1.)
+    distill.distill(cfg.replace(distill_temperature=-1.))
+  with pytest.raises(config_lib.ConfigError, match='needs --teacher'):
+    distill.distill(cfg.replace(teacher=None))
   with pytest.raises(config_lib.ConfigError, match='model_dir'):
-    distill.distill(cfg.replace(model_dir=None), str(tmp_path))
+    distill.distill(cfg.replace(model_dir=None))
 
 
 # The command line's plumbing: a ResNet-18 student at 1/8 width, 40 steps

@@ -1,4 +1,4 @@
-"""run.evaluate's top-1/top-5 equal values computed by hand from the model's
+"""training.evaluate's top-1/top-5 equal values computed by hand from the model's
 logits on every example of the split, once each, on one and two replicas
 (the last batches padded with masked examples)."""
 import json
@@ -10,7 +10,7 @@ import tensorflow as tf
 import data as data_lib
 import data_util
 import model as model_lib
-import run
+import training
 from config import Config
 
 # 1000 test examples in batches of 48: 21 steps on one replica, the last
@@ -63,7 +63,7 @@ def test_top1_top5_equal_hand_computed(replicas, shapes10_dir, mirrored2,
   # one this evaluation writes) and leaves what is not a step alone.
   for name in ('3', '5', 'notes'):
     (tmp_path / 'saved_model' / name).mkdir(parents=True)
-  result = run.evaluate(cfg, source, strategy, model, saved, 1000,
+  result = training.evaluate(cfg, source, strategy, model, saved, 1000,
                         str(tmp_path))
   top1, top5 = hand_accuracies(model, source)
   assert 0 < top1 < top5 < 1  # neither trivially 0 nor 1

@@ -220,9 +220,9 @@ def test_run_writes_class_names_to_model_dir(tree, tmp_path):
   """run.py on a folder: <model_dir>/class_names.txt lists the classes in
   label order, next to the run's checkpoint."""
   import config as config_lib  # pylint: disable=import-outside-toplevel
-  import run  # pylint: disable=import-outside-toplevel
+  import training  # pylint: disable=import-outside-toplevel
   model_dir = tmp_path / 'model'
-  run.run(config_lib.Config(
+  training.run(config_lib.Config(
       dataset=f'folder:{tree}', train_mode='finetune', mode='train',
       resnet_depth=18, width_multiplier=0.125, image_size=32,
       train_batch_size=2, train_steps=1, eval_split='validation',

@@ -147,10 +147,10 @@ def test_frozen_batch_norm_still_updates_moving_statistics():
 
 
 def test_pretraining_refuses_frozen_layers_and_blurs_when_asked():
-  _, model = build(train_mode='pretrain')
-  model.config = model.config.replace(fine_tune_after_block=2)
+  # A model checks its (unvalidated) Config.
   with pytest.raises(ValueError, match='fine_tune_after_block'):
-    model(tf.zeros([2, 32, 32, 6]), training=True)
+    model_lib.Model(5, Config(**{**TINY, 'train_mode': 'pretrain',
+                                 'fine_tune_after_block': 2}))
   _, blurred = build(train_mode='pretrain', use_blur=True)
   proj_out, logits = blurred(tf.random.uniform([2, 32, 32, 6]), training=True)
   assert proj_out.shape == [4, 16] and logits.shape == [4, 5]

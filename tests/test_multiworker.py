@@ -21,9 +21,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 from absl import flags
@@ -32,12 +30,14 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+from cluster import Cluster, stop_all, wait_for
 import conftest
 import config as config_lib
 import data as data_lib
 import helpers
 import model as model_lib
 import run
+import runtime
 import training
 
 ROOT = conftest.ROOT
@@ -135,7 +135,7 @@ def main_exit(argv, capsys):
 def test_bad_cluster_input_stops_before_any_work(
     tmp_path, capsys, monkeypatch, shapes10_dir, tf_config, args, expected):
   monkeypatch.setenv('TF_CONFIG', tf_config)
-  monkeypatch.setattr(run, 'build_model', lambda *a: pytest.fail('built'))
+  monkeypatch.setattr(runtime, 'build_model', lambda *a: pytest.fail('built'))
   code, last = main_exit(['--use_tpu=False', '--dataset=shapes10',
                           f'--data_dir={shapes10_dir}', '--eval_split=test',
                           f'--model_dir={tmp_path}', *args], capsys)
@@ -146,7 +146,7 @@ def test_lost_worker_is_one_line_only_in_a_cluster(tmp_path, capsys,
                                                    monkeypatch):
   def lost(cfg):
     raise tf.errors.UnavailableError(None, None, LOST)
-  monkeypatch.setattr(run, 'run', lost)
+  monkeypatch.setattr(training, 'run', lost)
   monkeypatch.setenv('TF_CONFIG', TWO_WORKERS)
   code, last = main_exit([f'--model_dir={tmp_path}'], capsys)
   assert code == 2
@@ -172,67 +172,12 @@ def test_lost_worker_named_from_the_heartbeat_error():
           '/job:worker/task:1: The following tasks are unhealthy (stopped '
           'sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks '
           'have crashed.')
-  line = run.lost_worker_message(
+  line = runtime.lost_worker_message(
       tf.errors.UnavailableError(None, None, text), '/m')
   assert line.startswith('lost contact with /job:worker/replica:0/task:1 '
                          '(UnavailableError: Collective ops is aborted by: '
                          'Error reported from /job:worker/task:1: The '
                          'following tasks are unhealthy')
-
-
-def free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-class Cluster:
-  """Launches the two workers of one run.py command, logs to files."""
-
-  def __init__(self, tmp, args):
-    self.tmp, self.args = tmp, args
-    ports = free_ports(2)
-    self.cluster = {'worker': [f'127.0.0.1:{p}' for p in ports]}
-
-  def start(self, name):
-    procs = []
-    for task in range(2):
-      tmpdir = self.tmp / f'{name}_tmp{task}'  # where a worker's temp goes
-      tmpdir.mkdir()
-      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
-                 TMPDIR=str(tmpdir), TF_CONFIG=json.dumps({
-                     'cluster': self.cluster,
-                     'task': {'type': 'worker', 'index': task}}))
-      log = open(self.tmp / f'{name}_worker{task}.log', 'w')
-      procs.append(subprocess.Popen(
-          [sys.executable, str(ROOT / 'run.py'), *self.args], cwd=ROOT,
-          env=env, stdout=log, stderr=subprocess.STDOUT))
-      log.close()
-    return procs
-
-  def log(self, name, task):
-    return (self.tmp / f'{name}_worker{task}.log').read_text()
-
-
-def stop_all(procs):
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-
-
-def wait_for(condition, procs, timeout, what, cluster, name):
-  deadline = time.time() + timeout
-  while not condition():
-    dead = [p.returncode for p in procs if p.poll() is not None]
-    assert not dead and time.time() < deadline, (
-        f'no {what} after {time.time() - deadline + timeout:.0f} s (exit '
-        f'codes {dead}); chief log:\n{cluster.log(name, 0)[-3000:]}')
-    time.sleep(0.2)
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,8 @@ import data as data_lib
 import data_util
 import helpers
 import model as model_lib
-import run
+import runtime
+import training
 
 ROOT = conftest.ROOT
 TFDS = conftest.SHARED / 'tfds'
@@ -66,7 +67,7 @@ def _pretrain_config(**overrides):
 
 
 def _fresh_training_state(cfg):
-  """(model, optimizer, tf.train.Checkpoint) as run.train builds them, with
+  """(model, optimizer, tf.train.Checkpoint) as runtime.train builds them, with
   the optimizer's slots created so a restore can be checked completely."""
   model = model_lib.Model(10, cfg)
   model(tf.zeros([1, 32, 32, 3]), training=False)
@@ -106,6 +107,8 @@ def test_pretrain_writes_checkpoints_results_and_savedmodel(pretrained):
   assert json.loads((model_dir / 'result_2.json').read_text()) == result
   flags = json.loads((model_dir / 'flags.json').read_text())
   assert flags['temperature'] == 0.5 and flags['train_steps'] == 2
+  # Written from the run's Config: its fields, nothing else.
+  assert sorted(flags) == sorted(config_lib.Config.__dataclass_fields__)
   assert (model_dir / 'saved_model' / '2' / 'saved_model.pb').exists()
   assert 'step 2/2' in proc.stderr and 'images/s' in proc.stderr
 
@@ -162,7 +165,7 @@ def test_finetune_starts_from_the_checkpoint_with_a_zero_classifier(
       fine_tune_after_block=int(overrides['fine_tune_after_block']),
       ft_proj_selector=int(overrides.get('ft_proj_selector', 0)))
   model, _, checkpoint = _fresh_training_state(cfg)
-  run.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
+  runtime.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
       checkpoint, str(tmp_path), max_to_keep=1))
   saved = _model_entries(model_dir / 'ckpt-2')
   ours = checkpoints.variables_by_key(tf.train.Checkpoint(model=model))
@@ -201,7 +204,7 @@ def test_finetune_without_checkpoint_says_so(tmp_path, caplog):
   cfg = _pretrain_config(model_dir=str(tmp_path), train_mode='finetune')
   model, _, checkpoint = _fresh_training_state(cfg)
   before = [v.numpy() for v in model.trainable_variables]
-  run.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
+  runtime.restore_or_initialise(cfg, model, tf.train.CheckpointManager(
       checkpoint, str(tmp_path), max_to_keep=1))
   assert 'without --checkpoint: training from scratch' in caplog.text
   for old, variable in zip(before, model.trainable_variables):
@@ -427,14 +430,14 @@ def test_damaged_latest_checkpoint_stops_or_falls_back(pretrained, tmp_path,
   _, optimizer, checkpoint = _fresh_training_state(cfg)
   manager = tf.train.CheckpointManager(checkpoint, str(work), max_to_keep=5)
   with pytest.raises(checkpoints.CheckpointError) as error:
-    run.restore_or_initialise(cfg, checkpoint.model, manager)
+    runtime.restore_or_initialise(cfg, checkpoint.model, manager)
   assert str(error.value).startswith(f'cannot resume from {work}/{named}')
   assert '--resume_fallback' in str(error.value)
 
   _, optimizer, checkpoint = _fresh_training_state(
       cfg.replace(resume_fallback=True))
   manager = tf.train.CheckpointManager(checkpoint, str(work), max_to_keep=5)
-  run.restore_or_initialise(cfg.replace(resume_fallback=True),
+  runtime.restore_or_initialise(cfg.replace(resume_fallback=True),
                             checkpoint.model, manager)
   assert f'Resuming from {work}/ckpt-1' in caplog.text
   assert 'falling back to the previous one' in caplog.text
@@ -467,9 +470,8 @@ def test_loop_runs_a_checkpoint_interval_with_summaries_inside(
   progress lines come every train_summary_steps steps inside the call; the
   run stops exactly at train_steps (the original finishes its last loop)."""
   caplog.set_level('INFO', logger='absl')
-  import training  # pylint: disable=import-outside-toplevel
   calls = []
-  original = training.make_train_loop
+  original = runtime.make_train_loop
 
   def recording(*args, **kwargs):
     loop = original(*args, **kwargs)
@@ -479,14 +481,14 @@ def test_loop_runs_a_checkpoint_interval_with_summaries_inside(
       return loop(iterator, steps)
     return call
 
-  monkeypatch.setattr(training, 'make_train_loop', recording)
+  monkeypatch.setattr(runtime, 'make_train_loop', recording)
   cfg = config_lib.Config(
       dataset='shapes10', data_dir=str(shapes10_dir), resnet_depth=18,
       width_multiplier=0.125, image_size=32, train_batch_size=8,
       train_steps=7, checkpoint_steps=4, train_summary_steps=2,
       use_blur=False, mode='train', model_dir=str(tmp_path),
       use_tpu=False).validate()
-  run.run(cfg)
+  training.run(cfg)
   assert calls == [4, 3]
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-7')
   lines = [l for l in caplog.text.splitlines() if ' | lr=' in l]

@@ -253,8 +253,8 @@ def test_xla_step_matches_plain_step(runs):
 
 
 def test_xla_refuses_several_replicas(mirrored2):
-  cfg = CFG.replace(jit_compile=True)
-  with mirrored2.scope():
-    model = model_lib.Model(10, cfg)
-  with pytest.raises(ValueError, match='jit_compile=True with 2 replicas'):
-    training.make_train_step(model, None, cfg, mirrored2)
+  import runtime  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='--jit_compile with 2 replicas'):
+    runtime.check_strategy(CFG.replace(jit_compile=True), mirrored2)
+  runtime.check_strategy(CFG.replace(jit_compile=True),
+                         tf.distribute.get_strategy())

@@ -328,7 +328,7 @@ def test_convert_then_finetune_two_steps(r18_tf1, tmp_path, shapes10_dir):
 def test_run_linear_eval_from_tf1_checkpoint(r18_tf1, tmp_path, shapes10_dir):
   """The TF1 README's linear-evaluation command on a TF1 checkpoint: the
   frozen encoder keeps the checkpoint's weights, the head is trained."""
-  import run  # pylint: disable=import-outside-toplevel
+  import training  # pylint: disable=import-outside-toplevel
   cfg = Config(
       mode='train', train_mode='finetune', fine_tune_after_block=4,
       zero_init_logits_layer=True, variable_schema=SCHEMA_BASE,
@@ -337,7 +337,7 @@ def test_run_linear_eval_from_tf1_checkpoint(r18_tf1, tmp_path, shapes10_dir):
       dataset='shapes10', data_dir=str(shapes10_dir), image_size=32,
       resnet_depth=18, checkpoint=r18_tf1, model_dir=str(tmp_path / 'm'),
       use_tpu=False, use_blur=False, train_summary_steps=0).validate()
-  run.run(cfg)
+  training.run(cfg)
   reader = tf.train.load_checkpoint(str(tmp_path / 'm'))
   tf2_key = {n: k for n, (k, _) in symbolic_names(cfg, 10).items()}
 

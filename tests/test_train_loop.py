@@ -1,11 +1,11 @@
-"""training.make_train_loop: the reported means per window against values
+"""runtime.make_train_loop: the reported means per window against values
 computed by hand, on one and two replicas; the stop flag; summary tags."""
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-import training
+import runtime
 
 
 def _loop_on(strategy, tmp_path, summary_steps, stop=False):
@@ -26,7 +26,7 @@ def _loop_on(strategy, tmp_path, summary_steps, stop=False):
     optimizer.apply_gradients([(tf.constant(0.), weight)])
 
   reports = []
-  loop = training.make_train_loop(
+  loop = runtime.make_train_loop(
       strategy, replica_step, metrics, optimizer.iterations, summary_steps,
       report=lambda step, values: reports.append((step, values['value'])),
       learning_rate=lambda step: step * 10., stop_flag=flag)
