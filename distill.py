@@ -42,7 +42,6 @@ import os
 
 from absl import logging
 import tensorflow as tf
-import tf_keras as keras
 
 import checkpoints
 import config as config_lib
@@ -274,28 +273,15 @@ def distill(cfg):
     schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate, num_train,
                                               cfg)
     optimizer = model_lib.build_optimizer(schedule, cfg)
-    names = ['total_loss', 'distill_loss', 'weight_decay', 'agreement']
-    if with_labels:
-      names.insert(2, 'supervised_loss')
-    train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
+  names = ['total_loss', 'distill_loss', 'weight_decay', 'agreement']
+  if with_labels:
+    names.insert(2, 'supervised_loss')
   step_fn = make_distill_step(student, teacher, optimizer, cfg, temperature,
                               alpha, strategy)
-
-  def replica_step(images, labels):
-    terms = step_fn(images, labels['labels'])
-    for name, metric in train_metrics.items():
-      metric.update_state(terms[name])
-
-  def make_dataset(start_step):
-    return data_lib.build_distributed_dataset(
-        relabelled, cfg.train_batch_size, True, strategy,
-        cfg.replace(seed=data_lib.resumed_seed(cfg.seed, start_step)))
-
   with runtime.output_dir(cfg, strategy) as out_dir:
     manager, finished = runtime.train(
-        cfg, strategy, student, optimizer, schedule, replica_step,
-        train_metrics, make_dataset, num_train, out_dir,
-        summary_prefix='distill/')
+        cfg, strategy, student, optimizer, schedule, step_fn, names,
+        relabelled, num_train, out_dir, summary_prefix='distill/')
     if not finished:
       return None
     latest = manager.latest_checkpoint or tf.train.latest_checkpoint(

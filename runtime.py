@@ -30,6 +30,7 @@ import tf_keras as keras
 import checkpoints
 import config as config_lib
 import data as data_lib
+import metrics
 import model as model_lib
 
 
@@ -458,24 +459,26 @@ class Periodic:
   run: Callable[[int, bool], None]
 
 
-def train(cfg, strategy, model, optimizer, schedule, replica_step,
-          train_metrics, make_dataset, num_train_examples, out_dir,
-          summary_prefix='train/', periodic: Optional[Periodic] = None):
+def train(cfg, strategy, model, optimizer, schedule, step_fn, metric_names,
+          source, num_train_examples, out_dir, summary_prefix='train/',
+          periodic: Optional[Periodic] = None):
   """The outer training loop of every mode; returns (CheckpointManager,
   finished).
 
   Args:
-    cfg: the run's Config (steps, checkpoints, summaries, resume settings).
-    strategy: from `build_strategy`; model, optimizer and metrics were
-      created under its scope.
+    cfg: the run's Config (steps, checkpoints, summaries, resume settings,
+      the input pipeline's).
+    strategy: from `prepare`; model and optimizer were created under its
+      scope.
     model: the trained `model.Model`; with `optimizer` and its step counter
       it makes the checkpoint (the keys of the original's).
     schedule: the optimizer's learning rate as `fn(step)` (logged and
       summarised).
-    replica_step: `fn(images, labels)` run on every replica per step; it
-      updates `train_metrics` ({name: keras.metrics.Mean}).
-    make_dataset: `fn(start_step)` -> the distributed training dataset (a
-      resumed seeded run draws new batches from the step it starts at).
+    step_fn: the mode's `step(images, one_hot_labels) -> {name: scalar}`,
+      run on every replica (training.make_step).
+    metric_names: the terms of `step_fn` to average, summarise and print.
+    source: the training data (data.get_source), read with
+      `cfg.train_split` and the training augmentation.
     num_train_examples: sets the step plan (epochs -> steps).
     out_dir: where this process saves (model_dir on the chief, see
       `output_dir`).
@@ -487,8 +490,10 @@ def train(cfg, strategy, model, optimizer, schedule, replica_step,
   `train_steps` (see `make_train_loop`), saving at every checkpoint step,
   at the end, and at the step where SIGTERM/SIGINT stopped it (every worker
   at the same step). A non-finite loss stops it with `TrainingDiverged`
-  before anything is saved after it. Summaries go to model_dir from the
-  chief only.
+  before anything is saved after it. Summaries (the metrics, the learning
+  rate and, every summary step, pairs of the augmented views) go to
+  model_dir from the chief only. A resumed seeded run draws new batches
+  (from the seed and the step) rather than replaying the first ones.
   """
   train_steps, checkpoint_steps, summary_steps = step_plan(
       cfg, num_train_examples)
@@ -499,6 +504,8 @@ def train(cfg, strategy, model, optimizer, schedule, replica_step,
                     else tf.summary.create_noop_writer())
   global_step = optimizer.iterations
   with strategy.scope():
+    train_metrics = {name: keras.metrics.Mean(f'{summary_prefix}{name}')
+                     for name in metric_names}
     checkpoint = tf.train.Checkpoint(
         model=model, global_step=global_step, optimizer=optimizer)
     # A non-chief worker's copies are only kept until it exits.
@@ -515,11 +522,24 @@ def train(cfg, strategy, model, optimizer, schedule, replica_step,
     return manager, True
   progress = Progress(train_steps, cfg.train_batch_size, step)
 
+  def replica_step(images, labels):
+    # Written before the step so it can overlap: what the model trains on
+    # (view 1 next to view 2 when pretraining).
+    with tf.summary.record_if(
+        tf.equal((global_step + 1) % summary_steps, 0)):
+      tf.summary.image('augmented_views', metrics.view_pairs(images),
+                       step=global_step + 1, max_outputs=4)
+    terms = step_fn(images, labels['labels'])
+    for name, metric in train_metrics.items():
+      metric.update_state(terms[name])
+
   def report(at_step, values):
     lr = float(schedule(tf.cast(at_step - 1, tf.float32)))
     logging.info('%s | lr=%.5f', progress.line(at_step, values), lr)
 
-  iterator = iter(make_dataset(step))
+  iterator = iter(data_lib.build_distributed_dataset(
+      source, cfg.train_batch_size, True, strategy,
+      cfg.replace(seed=data_lib.resumed_seed(cfg.seed, step))))
   stopping = False
   with StopRequest() as stop:
     train_loop = make_train_loop(

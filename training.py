@@ -167,7 +167,7 @@ def run_knn_monitor(cfg, monitor, step):
 
 def train(cfg, source, strategy, model, num_train_examples, out_dir,
           monitor=None):
-  """Pretrains or fine-tunes `model` with the runtime's loop; returns
+  """Pretrains or fine-tunes `model` on the runtime's loop; returns
   (CheckpointManager, finished) as `runtime.train`.
 
   Metrics are means over every replica of every worker. With a
@@ -175,37 +175,15 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
   `cfg.knn_monitor_steps` steps and at the last step (unless the final
   evaluation of --mode=train_then_eval is about to report it).
   """
-  _, _, summary_steps = runtime.step_plan(cfg, num_train_examples)
   with strategy.scope():
     schedule = model_lib.WarmUpAndCosineDecay(cfg.learning_rate,
                                               num_train_examples, cfg)
     optimizer = model_lib.build_optimizer(schedule, cfg)
-    names = ['total_loss', 'weight_decay']
-    if cfg.train_mode == 'pretrain':
-      names += ['contrast_loss', 'contrast_acc', 'contrast_entropy']
-    if cfg.has_supervised_head:
-      names += ['supervised_loss', 'supervised_acc']
-    train_metrics = {n: keras.metrics.Mean(f'train/{n}') for n in names}
-  step_fn = make_train_step(model, optimizer, cfg, strategy)
-
-  def replica_step(images, labels):
-    # Written before the step so it can overlap; what the model trains on,
-    # view 1 next to view 2 for pretraining.
-    record = tf.equal((optimizer.iterations + 1) % summary_steps, 0)
-    with tf.summary.record_if(record):
-      tf.summary.image('augmented_views', metrics.view_pairs(images),
-                       step=optimizer.iterations + 1, max_outputs=4)
-    terms = step_fn(images, labels['labels'])
-    for name, metric in train_metrics.items():
-      metric.update_state(terms[name])
-
-  def make_dataset(start_step):
-    # A resumed seeded run draws new batches (from the seed and the step)
-    # rather than replaying those of the first steps.
-    return data_lib.build_distributed_dataset(
-        source, cfg.train_batch_size, True, strategy,
-        cfg.replace(seed=data_lib.resumed_seed(cfg.seed, start_step)))
-
+  names = ['total_loss', 'weight_decay']
+  if cfg.train_mode == 'pretrain':
+    names += ['contrast_loss', 'contrast_acc', 'contrast_entropy']
+  if cfg.has_supervised_head:
+    names += ['supervised_loss', 'supervised_acc']
   periodic = None
   if monitor is not None:
     def knn(step, last):
@@ -214,9 +192,10 @@ def train(cfg, source, strategy, model, num_train_examples, out_dir,
       tf.summary.scalar('eval/knn_top_1_accuracy',
                         run_knn_monitor(cfg, monitor, step), step=step)
     periodic = runtime.Periodic(cfg.knn_monitor_steps, knn)
-  return runtime.train(cfg, strategy, model, optimizer, schedule,
-                       replica_step, train_metrics, make_dataset,
-                       num_train_examples, out_dir, periodic=periodic)
+  return runtime.train(
+      cfg, strategy, model, optimizer, schedule,
+      make_train_step(model, optimizer, cfg, strategy), names, source,
+      num_train_examples, out_dir, periodic=periodic)
 
 
 def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,

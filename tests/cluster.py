@@ -1,8 +1,10 @@
 """Two-process clusters for the multi-worker tests: launch the workers of one
 run.py command on 127.0.0.1 (MultiWorkerMirroredStrategy, CPU), log each to
-a file, wait for a condition or a worker's death."""
+a file, wait for a condition or a worker's death, and the kill-and-restart
+scenario both multi-worker test files run."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,3 +68,54 @@ def wait_for(condition, procs, timeout, what, cluster, name):
         f'no {what} after {time.time() - deadline + timeout:.0f} s (exit '
         f'codes {dead}); chief log:\n{cluster.log(name, 0)[-3000:]}')
     time.sleep(0.2)
+
+
+def kill_and_restart(cluster, model_dir, kill_at='ckpt-2'):
+  """Launch 'a' until the chief has saved `kill_at`, SIGKILL worker 1, wait
+  for the chief to stop; then launch 'b' (the same command) to the end.
+
+  Returns {'chief_rc', 'chief_exit_s' (after the kill), 'resumed_at' (the
+  latest step in model_dir before launch b), 'rcs' (launch b's exit
+  codes), 'seconds' (both launches)}.
+  """
+  import pytest  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  begin = time.time()
+  procs = cluster.start('a')
+  try:
+    wait_for(lambda: (model_dir / f'{kill_at}.index').exists(), procs, 300,
+             f'{kill_at} in model_dir', cluster, 'a')
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+      chief_rc = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      pytest.fail('the chief still runs 120 s after worker 1 was killed')
+    chief_exit_s = time.time() - killed
+    procs[1].wait()
+  finally:
+    stop_all(procs)
+  latest = tf.train.latest_checkpoint(str(model_dir))
+  resumed_at = int(latest.rsplit('-', 1)[1])
+  procs = cluster.start('b')
+  try:
+    rcs = [p.wait(timeout=400) for p in procs]
+  except subprocess.TimeoutExpired:
+    pytest.fail('the restarted workers did not finish within 400 s')
+  finally:
+    stop_all(procs)
+  return dict(chief_rc=chief_rc, chief_exit_s=chief_exit_s,
+              resumed_at=resumed_at, rcs=rcs, seconds=time.time() - begin)
+
+
+def assert_both_resumed_and_finished(cluster, model_dir, resumed_at, rcs,
+                                     steps):
+  """Launch 'b': both workers resumed from model_dir's checkpoint of
+  `resumed_at` (none replayed step 1) and finished at `steps`."""
+  assert 2 <= resumed_at < steps
+  assert rcs == [0, 0], cluster.log('b', 0)[-3000:]
+  for task in (0, 1):
+    log = cluster.log('b', task)
+    assert f'Resuming from {model_dir}/ckpt-{resumed_at}' in log, log[-3000:]
+    assert f'step {resumed_at + 1}/{steps} ' in log and ' step 1/' not in log
+    assert f'Training complete at step {steps}.' in log

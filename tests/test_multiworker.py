@@ -20,9 +20,6 @@ what one process with two replicas does on the same per-replica batches.
 import json
 import os
 import re
-import signal
-import subprocess
-import time
 
 from absl import flags
 import numpy as np
@@ -30,7 +27,8 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
-from cluster import Cluster, stop_all, wait_for
+from cluster import assert_both_resumed_and_finished
+from cluster import Cluster, kill_and_restart
 import conftest
 import config as config_lib
 import data as data_lib
@@ -193,35 +191,8 @@ def scenario(tmp_path_factory, shapes10_dir):
       f'--data_dir={shapes10_dir}', f'--model_dir={model_dir}',
       f'--checkpoint={init_path}', '--train_summary_steps=1', '--mode=train']
   cluster = Cluster(tmp, args)
-  begin = time.time()
-  procs = cluster.start('a')
-  try:
-    wait_for(lambda: (model_dir / 'ckpt-2.index').exists(), procs, 300,
-             'ckpt-2 in model_dir', cluster, 'a')
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.time()
-    try:
-      chief_rc = procs[0].wait(timeout=120)
-    except subprocess.TimeoutExpired:
-      pytest.fail('the chief still runs 120 s after worker 1 was killed')
-    chief_exit_s = time.time() - killed
-    procs[1].wait()
-  finally:
-    stop_all(procs)
-  latest = tf.train.latest_checkpoint(str(model_dir))
-  resumed_at = int(latest.rsplit('-', 1)[1])
-
-  procs = cluster.start('b')
-  try:
-    rcs = [p.wait(timeout=400) for p in procs]
-  except subprocess.TimeoutExpired:
-    pytest.fail('the restarted workers did not finish within 400 s')
-  finally:
-    stop_all(procs)
   return dict(cfg=cfg, cluster=cluster, model_dir=model_dir,
-              init_path=init_path, chief_rc=chief_rc,
-              chief_exit_s=chief_exit_s, resumed_at=resumed_at, rcs=rcs,
-              seconds=time.time() - begin)
+              init_path=init_path, **kill_and_restart(cluster, model_dir))
 
 
 def test_killing_a_worker_stops_the_other_with_one_line(scenario):
@@ -241,15 +212,10 @@ def test_killing_a_worker_stops_the_other_with_one_line(scenario):
 
 
 def test_restart_resumes_from_the_last_checkpoint_and_finishes(scenario):
-  cluster, model_dir = scenario['cluster'], scenario['model_dir']
-  step = scenario['resumed_at']
-  assert 2 <= step < STEPS
-  assert scenario['rcs'] == [0, 0], cluster.log('b', 0)[-3000:]
-  for task in (0, 1):
-    log = cluster.log('b', task)
-    assert f'Resuming from {model_dir}/ckpt-{step}' in log
-    assert f'step {step + 1}/{STEPS} ' in log and ' step 1/' not in log
-    assert 'Training complete at step 4.' in log
+  model_dir = scenario['model_dir']
+  assert_both_resumed_and_finished(scenario['cluster'], model_dir,
+                                   scenario['resumed_at'], scenario['rcs'],
+                                   STEPS)
   assert tf.train.latest_checkpoint(str(model_dir)).endswith('ckpt-4')
 
 

@@ -8,13 +8,11 @@ then worker 1 is SIGKILLed; launch B is the same command.
 """
 import json
 import os
-import signal
-import subprocess
 
 import pytest
-import tensorflow as tf
 
-from cluster import Cluster, stop_all, wait_for
+from cluster import assert_both_resumed_and_finished
+from cluster import Cluster, kill_and_restart
 
 STEPS = 4
 
@@ -34,29 +32,8 @@ def scenario(tmp_path_factory, shapes10_dir, tiny_teacher):
           '--seed=5', '--distill_temperature=2', '--distill_alpha=0.9',
           f'--model_dir={model_dir}']
   cluster = Cluster(tmp, args)
-  procs = cluster.start('a')
-  try:
-    wait_for(lambda: (model_dir / 'ckpt-2.index').exists(), procs, 300,
-             'ckpt-2 in model_dir', cluster, 'a')
-    procs[1].send_signal(signal.SIGKILL)
-    try:
-      chief_rc = procs[0].wait(timeout=120)
-    except subprocess.TimeoutExpired:
-      pytest.fail('the chief still runs 120 s after worker 1 was killed')
-    procs[1].wait()
-  finally:
-    stop_all(procs)
-  resumed_at = int(tf.train.latest_checkpoint(str(model_dir)).rsplit('-',
-                                                                      1)[1])
-  procs = cluster.start('b')
-  try:
-    rcs = [p.wait(timeout=400) for p in procs]
-  except subprocess.TimeoutExpired:
-    pytest.fail('the restarted workers did not finish within 400 s')
-  finally:
-    stop_all(procs)
   return dict(cluster=cluster, model_dir=model_dir, tmp=tmp,
-              chief_rc=chief_rc, resumed_at=resumed_at, rcs=rcs)
+              **kill_and_restart(cluster, model_dir))
 
 
 def test_lost_worker_stops_the_chief_with_one_line(scenario):
@@ -70,14 +47,8 @@ def test_lost_worker_stops_the_chief_with_one_line(scenario):
 
 def test_restart_resumes_both_workers_at_the_same_step(scenario):
   cluster, model_dir = scenario['cluster'], scenario['model_dir']
-  step = scenario['resumed_at']
-  assert 2 <= step < STEPS
-  assert scenario['rcs'] == [0, 0], cluster.log('b', 0)[-3000:]
-  for task in (0, 1):
-    log = cluster.log('b', task)
-    assert f'Resuming from {model_dir}/ckpt-{step}' in log, log[-3000:]
-    assert f'step {step + 1}/{STEPS} ' in log and ' step 1/' not in log
-    assert f'Training complete at step {STEPS}.' in log
+  assert_both_resumed_and_finished(cluster, model_dir, scenario['resumed_at'],
+                                   scenario['rcs'], STEPS)
   # Both print the same evaluation (means over the whole eval split).
   results = [json.loads(cluster.log('b', t).strip().splitlines()[-1])
              for t in (0, 1)]
