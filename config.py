@@ -22,7 +22,7 @@ OPTIMIZERS = ('momentum', 'adam', 'lars')
 ON_CORRUPT = ('fail', 'skip')
 # Keras mixed-precision policies: layers compute in bfloat16 or float16,
 # variables, the loss and batch-norm statistics stay float32; float16 (for
-# GPUs) trains with dynamic loss scaling (training.with_loss_scaling).
+# GPUs) trains with dynamic loss scaling (runtime.with_loss_scaling).
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 LR_SCALINGS = ('linear', 'sqrt')
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')

@@ -49,7 +49,6 @@ import data as data_lib
 import export
 import model as model_lib
 import runtime
-import training
 
 def soft_cross_entropy(teacher_logits, student_logits, temperature=1.0):
   """Per example -sum_y softmax(t / tau)_y * log softmax(s / tau)_y.
@@ -128,7 +127,7 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
     teacher: a loaded SavedModel (see `teacher_logits`).
     optimizer: updates the student's trainable variables.
     config: the student's `Config` (weight decay, precision and XLA as in
-      training.make_step, which this builds on).
+      runtime.make_step, which this builds on).
     temperature, alpha: see `distillation_loss`.
     strategy: the distribution strategy, to scale the loss per replica.
 
@@ -152,7 +151,7 @@ def make_distill_step(student, teacher, optimizer, config, temperature=1.0,
         'agreement': agreement(target, logits),
     }
 
-  update = training.make_step(student, optimizer, config, strategy,
+  update = runtime.make_step(student, optimizer, config, strategy,
                               loss_terms)
 
   def step(images, labels):

@@ -7,7 +7,6 @@ weights and batch give the same losses and optimizer updates; tests call it
 directly. The mode (`run`, `train`, `evaluate`): what run.py's
 --train_mode=pretrain|finetune runs, on the runtime's loop (runtime.py).
 """
-import contextlib
 import dataclasses
 import os
 
@@ -66,90 +65,10 @@ def compute_losses(model, features, labels, config, strategy=None):
   return terms
 
 
-def with_loss_scaling(optimizer, config, strategy=None):
-  """The optimizer a step applies its gradients with.
-
-  For `precision='mixed_float16'`, a dynamic loss-scale wrapper: float16
-  gradients of an unscaled loss underflow, so the loss is multiplied by a
-  scale (2**15 at first), the gradients divided by it, and a step whose
-  gradients are not finite is skipped and halves the scale (which doubles
-  again after 2000 good steps). Slots and `iterations` stay `optimizer`'s, so
-  checkpoints keep their keys; the scale itself is not checkpointed (after a
-  resume it starts again and settles within a few skipped steps). Other
-  precisions need no scaling (bfloat16 has float32's exponent range). An
-  optimizer that already scales is returned as it is. Batch-norm moving
-  statistics are updated by the forward pass, so a skipped step still
-  updates them (as in Keras).
-  """
-  if (config.precision != 'mixed_float16' or
-      isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)):
-    return optimizer
-  with strategy.scope() if strategy else contextlib.nullcontext():
-    return keras.mixed_precision.LossScaleOptimizer(optimizer)
-
-
-def scale_loss(optimizer, loss):
-  """`loss` as differentiated: scaled for a loss-scale optimizer (inside the
-  tape), unchanged otherwise."""
-  if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-    return optimizer.get_scaled_loss(loss)
-  return loss
-
-
-def unscale_gradients(optimizer, grads):
-  """Undoes `scale_loss` on the gradients."""
-  if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-    return optimizer.get_unscaled_gradients(grads)
-  return grads
-
-
-def make_step(model, optimizer, config, strategy, loss_terms):
-  """Returns `step(features, labels) -> loss terms`, run inside a replica.
-
-  `loss_terms(features, labels)` computes {name: scalar} with `total_loss`
-  (called inside the gradient tape; `labels` may be any structure); the
-  step differentiates it with respect to the model's trainable variables
-  and applies the update. Each replica's loss is divided by the number of
-  replicas because the optimizer sums gradients over replicas: N replicas
-  of B/N examples then update like one replica of B examples. With
-  mixed_float16 the loss is scaled (see `with_loss_scaling`); with
-  `config.jit_compile` the forward and backward pass are XLA-compiled (one
-  replica per process: runtime.check_strategy). Every trainable variable
-  goes to the optimizer, also those the loss does not reach (a projection
-  head the classifier does not read: Keras skips them with a warning), as
-  in the original: the optimizer numbers its slots (`optimizer/_variables/
-  <i>` in checkpoints) in that order.
-  """
-  num_replicas = strategy.num_replicas_in_sync if strategy else 1
-  optimizer = with_loss_scaling(optimizer, config, strategy)
-
-  def forward_backward(features, labels):
-    with tf.GradientTape() as tape:
-      terms = loss_terms(features, labels)
-      loss = scale_loss(optimizer, terms['total_loss'] / num_replicas)
-    grads = tape.gradient(loss, model.trainable_variables)
-    return terms, unscale_gradients(optimizer, grads)
-
-  if config.jit_compile and not isinstance(strategy,
-                                           tf.distribute.TPUStrategy):
-    # XLA fuses the forward and backward pass (TPUs compile everything
-    # anyway). A nested tf.function cannot hold the cross-replica
-    # synchronisation of sync batch norm and the NT-Xent negatives, hence
-    # one replica.
-    forward_backward = tf.function(forward_backward, jit_compile=True)
-
-  def step(features, labels):
-    terms, grads = forward_backward(features, labels)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return terms
-
-  return step
-
-
 def make_train_step(model, optimizer, config, strategy=None):
   """`make_step` with the SimCLR losses (`compute_losses`): pretraining or
   fine-tuning as `config.train_mode` says."""
-  return make_step(
+  return runtime.make_step(
       model, optimizer, config, strategy,
       lambda features, labels: compute_losses(model, features, labels,
                                               config, strategy))
