@@ -71,6 +71,12 @@ CASES = [
     (['--train_mode=distill'], '--teacher'),
     (['--train_mode=distill', '--teacher=/nonexistent/teacher'], '/nonexistent/teacher'),
     (['--train_mode=distill', '--teacher=/tmp', '--distill_alpha=2'], 'distill_alpha'),
+    (['--learning_rate=nan'], 'learning_rate=nan: expected a finite'),
+    (['--momentum=inf'], 'momentum=inf: expected a finite'),
+    (['--train_mode=distill', '--teacher=/tmp', '--distill_temperature=0'],
+     'distill_temperature'),
+    (['--mode=convert', '--checkpoint=/tmp', '--kernel_scale=0'],
+     'kernel_scale'),
     (['--mode=convert'], '--checkpoint'),
     (['--mode=convert', '--checkpoint=/nonexistent/ckpt-3'], '/nonexistent/ckpt-3'),
 ]
