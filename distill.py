@@ -278,14 +278,12 @@ def distill(cfg):
   step_fn = make_distill_step(student, teacher, optimizer, cfg, temperature,
                               alpha, strategy)
   with runtime.output_dir(cfg, strategy) as out_dir:
-    manager, finished = runtime.train(
+    _, finished = runtime.train(
         cfg, strategy, student, optimizer, schedule, step_fn, names,
         relabelled, num_train, out_dir, summary_prefix='distill/')
     if not finished:
       return None
-    latest = manager.latest_checkpoint or tf.train.latest_checkpoint(
-        cfg.model_dir)
-    step = int(latest.rsplit('-', 1)[1])
+    step = int(optimizer.iterations.numpy())  # the weights evaluated
     eval_data = data_lib.build_input_fn(relabelled, cfg.eval_batch_size,
                                         False, cfg)()
     result = evaluate(student, teacher, eval_data,

@@ -4,11 +4,13 @@ of one step (`make_step`: gradients, loss scaling, XLA) and the one outer
 loop (`train`).
 
 A mode (pretraining and fine-tuning in training.py, distillation in
-distill.py) builds its model, optimizer, metrics and per-replica step, then
-calls `train`, which owns everything between the first and the last step:
-resuming, the loop calls of a checkpoint interval each, summaries and
-progress lines, SIGTERM/Ctrl-C, a diverged loss, checkpoints written by the
-chief only, and the agreement of several workers on when to stop.
+distill.py) builds its model, optimizer and step function (`make_step`),
+then calls `train` with the names of the step's terms to report. `train`
+owns everything between the first and the last step: the metrics, the
+per-replica step, the training pipeline, resuming, the loop calls of a
+checkpoint interval each, summaries and progress lines, SIGTERM/Ctrl-C, a
+diverged loss, checkpoints written by the chief only, and the agreement of
+several workers on when to stop.
 """
 import contextlib
 import dataclasses
@@ -44,9 +46,10 @@ class StopRequest:
 
   `flag` (a boolean variable) turns True the moment a signal arrives, also
   while the main thread is inside a long tf.function call (where Python's
-  own handlers wait for the call to return): the C-level handler writes to
-  a wake-up socket that a watcher thread reads. The training loop reads the
-  flag between steps (make_train_loop).
+  own handler waits for the call to return, and then only records which
+  signal it was): the C-level handler writes to a wake-up socket that a
+  watcher thread reads. The training loop reads the flag between steps
+  (make_train_loop).
   """
 
   def __init__(self):
@@ -78,7 +81,6 @@ class StopRequest:
   def _handle(self, signum, frame):
     del frame
     self.signal = signum
-    self.flag.assign(True)
 
   @property
   def requested(self):

@@ -67,6 +67,13 @@ def encoder_variable_count(saved_model):
   return sum(bool(re.match(r'resnet(_\d+)?/', n)) for n in names), len(names)
 
 
+def on_shapes10(shapes10_dir, tmp_path):
+  """The parameters every notebook test shares: shapes10 offline, 32 px,
+  outputs in tmp_path/out."""
+  return dict(DATASET='shapes10', DATA_DIR=str(shapes10_dir), IMAGE_SIZE=32,
+              OUTPUT_DIR=str(tmp_path / 'out'))
+
+
 def execute(name, tmp_path, monkeypatch, jupyter_path, **parameters):
   """Runs colabs/<name> with `parameters`; returns (stdout text, seconds).
 
@@ -136,12 +143,11 @@ def test_finetuning(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
                     jupyter_path):
   text, _ = execute(
       'finetuning.ipynb', tmp_path, monkeypatch, jupyter_path,
-      SAVED_MODEL=str(tiny_teacher), DATASET='shapes10',
-      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
-      IMAGE_SIZE=32, BATCH_SIZE=32, LINEAR_EXAMPLES=1000, LINEAR_STEPS=100,
+      SAVED_MODEL=str(tiny_teacher), TRAIN_SPLIT='train', EVAL_SPLIT='test',
+      BATCH_SIZE=32, LINEAR_EXAMPLES=1000, LINEAR_STEPS=100,
       LINEAR_LEARNING_RATE=0.05, FINETUNE_STEPS=40,
       FINETUNE_LEARNING_RATE=0.002, EVAL_EXAMPLES=500,
-      OUTPUT_DIR=str(tmp_path / 'out'))
+      **on_shapes10(shapes10_dir, tmp_path))
   assert 'final_avg_pool: (1, 64)' in text  # ResNet-18 at 1/8 width
   linear = float(_value(r'linear head accuracy: ([0-9.]+)', text))
   finetuned = float(_value(r'fine-tuned accuracy: ([0-9.]+)', text))
@@ -165,12 +171,11 @@ def test_finetuning_a_savedmodel_of_the_original(
   final_avg_pool)."""
   text, _ = execute(
       'finetuning.ipynb', tmp_path, monkeypatch, jupyter_path,
-      SAVED_MODEL=str(original_saved_model), DATASET='shapes10',
-      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
-      IMAGE_SIZE=32, BATCH_SIZE=32, LINEAR_EXAMPLES=256, LINEAR_STEPS=10,
+      SAVED_MODEL=str(original_saved_model), TRAIN_SPLIT='train',
+      EVAL_SPLIT='test', BATCH_SIZE=32, LINEAR_EXAMPLES=256, LINEAR_STEPS=10,
       LINEAR_LEARNING_RATE=0.05, FINETUNE_STEPS=5,
       FINETUNE_LEARNING_RATE=0.01, EVAL_EXAMPLES=64,
-      OUTPUT_DIR=str(tmp_path / 'out'))
+      **on_shapes10(shapes10_dir, tmp_path))
   for line in ('loaded in', 'final_avg_pool: (1, 64)', 'logits_sup: (1, 10)',
                'proj_head_output: (1, 128)', 'step 5/5: loss'):
     assert line in text, text
@@ -190,10 +195,9 @@ def test_load_and_inference(tiny_teacher, shapes10_dir, tmp_path,
   png.write_bytes(tf.io.encode_png(example['image']).numpy())
   text, _ = execute(
       'load_and_inference.ipynb', tmp_path, monkeypatch, jupyter_path,
-      SAVED_MODEL=str(tiny_teacher), CLASS_NAMES_URL=None,
-      DATASET='shapes10', DATA_DIR=str(shapes10_dir), SPLIT='test',
-      NUM_IMAGES=3, IMAGE_FILES=[str(png)], IMAGE_SIZE=32,
-      OUTPUT_DIR=str(tmp_path / 'out'))
+      SAVED_MODEL=str(tiny_teacher), CLASS_NAMES_URL=None, SPLIT='test',
+      NUM_IMAGES=3, IMAGE_FILES=[str(png)],
+      **on_shapes10(shapes10_dir, tmp_path))
   assert 'images: (4, 32, 32, 3)' in text
   # ResNet-18 at 1/8 width, CIFAR stem: 8 to 64 channels, 32 to 4 pixels.
   for name, shape in [('block_group1', (4, 32, 32, 8)),
@@ -227,9 +231,8 @@ def test_load_and_inference_on_a_savedmodel_of_the_original(
   text, _ = execute(
       'load_and_inference.ipynb', tmp_path, monkeypatch, jupyter_path,
       SAVED_MODEL=str(original_saved_model), CLASS_NAMES_URL=None,
-      DATASET='shapes10', DATA_DIR=str(shapes10_dir), SPLIT='test',
-      NUM_IMAGES=3, IMAGE_FILES=[], IMAGE_SIZE=32,
-      OUTPUT_DIR=str(tmp_path / 'out'))
+      SPLIT='test', NUM_IMAGES=3, IMAGE_FILES=[],
+      **on_shapes10(shapes10_dir, tmp_path))
   for name, shape in [('block_group1', (3, 32, 32, 8)),
                       ('block_group4', (3, 4, 4, 64)),
                       ('final_avg_pool', (3, 64)), ('logits_sup', (3, 10))]:
@@ -258,11 +261,10 @@ def test_distillation(tiny_teacher, shapes10_dir, tmp_path, monkeypatch,
   text, _ = execute(
       'distillation_self_training.ipynb', tmp_path, monkeypatch,
       jupyter_path,
-      TEACHER=str(tiny_teacher), DATASET='shapes10',
-      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
-      IMAGE_SIZE=32, STUDENT_WIDTH=0.0625, TEMPERATURE=2.0, ALPHA=0.9,
+      TEACHER=str(tiny_teacher), TRAIN_SPLIT='train', EVAL_SPLIT='test',
+      STUDENT_WIDTH=0.0625, TEMPERATURE=2.0, ALPHA=0.9,
       BATCH_SIZE=64, STEPS=200, LEARNING_RATE=0.005, EVAL_EXAMPLES=1000,
-      OUTPUT_DIR=str(tmp_path / 'out'), EXPORT_SAVED_MODEL=True)
+      EXPORT_SAVED_MODEL=True, **on_shapes10(shapes10_dir, tmp_path))
   assert 'teacher: 10 classes' in text
   agreement, commonest = (float(v) for v in _value(
       r'student agreement with teacher: ([0-9.]+) .* commonest class is '
@@ -290,11 +292,10 @@ def test_distillation_from_a_savedmodel_of_the_original(
   agreement is asserted)."""
   text, _ = execute(
       'distillation_self_training.ipynb', tmp_path, monkeypatch,
-      jupyter_path, TEACHER=str(original_saved_model), DATASET='shapes10',
-      DATA_DIR=str(shapes10_dir), TRAIN_SPLIT='train', EVAL_SPLIT='test',
-      IMAGE_SIZE=32, STUDENT_WIDTH=0.0625, TEMPERATURE=1.0, ALPHA=1.0,
+      jupyter_path, TEACHER=str(original_saved_model), TRAIN_SPLIT='train',
+      EVAL_SPLIT='test', STUDENT_WIDTH=0.0625, TEMPERATURE=1.0, ALPHA=1.0,
       BATCH_SIZE=32, STEPS=10, LEARNING_RATE=0.005, EVAL_EXAMPLES=64,
-      OUTPUT_DIR=str(tmp_path / 'out'), EXPORT_SAVED_MODEL=False)
+      EXPORT_SAVED_MODEL=False, **on_shapes10(shapes10_dir, tmp_path))
   assert 'teacher: 10 classes' in text
   _value(r'student agreement with teacher: ([0-9.]+)', text)
   assert (tmp_path / 'out' / 'ckpt-10.index').exists()
