@@ -113,6 +113,12 @@ class Config:
   knn_bank_size: int = 10000
   knn_k: int = 200
   knn_temperature: float = 0.1
+  # The final evaluation also gives the kNN accuracy of the same architecture
+  # randomly initialised (the run's own start when seeded), evaluated alike.
+  knn_random_init: bool = False
+  # The console: this project's log lines only, unless this is True (then
+  # also the libraries' INFO and WARNING lines; see console.py).
+  library_logs: bool = False
   # Where to run (the original's defaults: a TPU).
   use_tpu: bool = True
   tpu_name: Optional[str] = None
@@ -197,6 +203,9 @@ class Config:
     if self.knn_temperature <= 0:
       raise ConfigError(f'knn_temperature={self.knn_temperature}: expected a '
                         'positive number.')
+    if self.knn_random_init and not self.knn_monitor_steps:
+      raise ConfigError('knn_random_init=True needs the kNN monitor: expected '
+                        '--knn_monitor_steps > 0.')
     _at_least('keep_checkpoint_max', self.keep_checkpoint_max, 1)
     _at_least('keep_hub_module_max', self.keep_hub_module_max, 0)
     try:

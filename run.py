@@ -18,7 +18,10 @@ convert_checkpoint.py. Nothing imports this module.
 import json
 import sys
 
-from absl import app
+import console  # first: TensorFlow's native start-up lines are hidden
+console.hide_native_startup()
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 import tensorflow as tf
 
@@ -211,6 +214,15 @@ flags.DEFINE_integer('knn_bank_size', _D.knn_bank_size,
 flags.DEFINE_integer('knn_k', _D.knn_k, 'kNN monitor: neighbours that vote.')
 flags.DEFINE_float('knn_temperature', _D.knn_temperature,
                    'kNN monitor: temperature T of the votes exp(cos / T).')
+flags.DEFINE_bool('knn_random_init', _D.knn_random_init,
+                  'kNN monitor: the final evaluation also evaluates the same '
+                  'architecture randomly initialised (as the run started, '
+                  'when --seed is set) and prints both accuracies in one '
+                  'line.')
+flags.DEFINE_bool('library_logs', _D.library_logs,
+                  "Also show the libraries' Python log lines (TensorFlow, "
+                  "TFDS, Keras); TensorFlow's native ones come back with "
+                  'the environment variable TF_CPP_MIN_LOG_LEVEL=0.')
 # Distillation (--train_mode=distill, distill.py).
 flags.DEFINE_string('teacher', _D.teacher, 'Distillation: SavedModel of the '
                     'fine-tuned teacher (released format, with logits_sup; '
@@ -271,6 +283,7 @@ def run_convert(cfg):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  console.show_run_lines_only(FLAGS.library_logs)
   try:
     cfg = config_from_flags()
     if cfg.train_mode == 'distill':

@@ -84,6 +84,23 @@ def run_knn_monitor(cfg, monitor, step):
   return knn.top_1_accuracy
 
 
+def random_init_knn(cfg, source, strategy, trained):
+  """The kNN accuracy of the run's architecture randomly initialised, as
+  the run started when seeded (`runtime.prepare` seeds before the model is
+  built), evaluated as the trained encoder's; logs both in one line."""
+  if cfg.seed is not None:
+    keras.utils.set_random_seed(cfg.seed)
+  model = runtime.build_model(cfg, source.num_classes, strategy)
+  accuracy = knn_monitor.KnnMonitor(
+      source, strategy, cfg,
+      lambda images: model.resnet_model(images, training=False),
+  ).evaluate().top_1_accuracy
+  logging.info('kNN top-1: %s %.3f, random init %.3f',
+               'pretrained' if cfg.train_mode == 'pretrain' else 'fine-tuned',
+               trained, accuracy)
+  return accuracy
+
+
 def train(cfg, source, strategy, model, num_train_examples, out_dir,
           monitor=None):
   """Pretrains or fine-tunes `model` on the runtime's loop; returns
@@ -174,6 +191,9 @@ def evaluate(cfg, source, strategy, model, ckpt_path, num_eval_examples,
   if monitor is not None:
     result['eval/knn_top_1_accuracy'] = run_knn_monitor(cfg, monitor,
                                                         global_step)
+    if cfg.knn_random_init:
+      result['eval/knn_top_1_accuracy_random_init'] = random_init_knn(
+          cfg, source, strategy, result['eval/knn_top_1_accuracy'])
   result['global_step'] = global_step
   logging.info('Eval results: %s', result)
   if runtime.is_chief(strategy):

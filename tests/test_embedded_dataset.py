@@ -34,7 +34,7 @@ def test_registered_under_its_name():
   assert embedded_dataset.NAME == 'shapes10'
   assert 'shapes10' in tfds.list_builders()
   assert embedded_dataset.Shapes10.name == 'shapes10'
-  assert str(embedded_dataset.Shapes10.VERSION) == '1.0.0'
+  assert str(embedded_dataset.Shapes10.VERSION) == '2.0.0'
 
 
 def test_info(builder):

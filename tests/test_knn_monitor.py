@@ -282,3 +282,30 @@ def test_linear_evaluation_trains_only_the_head(pretrained_with_monitor,
           if 'supervised_head' in k and 'kernel' in k and
           'OPTIMIZER' not in k]
   assert head and np.abs(after.get_tensor(head[0])).max() > 0
+
+
+def test_random_init_baseline_is_the_runs_own_start(shapes10_dir, tmp_path):
+  """--knn_random_init evaluates the encoder the seeded run started from:
+  a linear evaluation under the TF1 protocol leaves the encoder as it was
+  (weights and batch-norm statistics), so both accuracies are equal;
+  pretraining from the same seed starts alike and then differs."""
+  import training  # pylint: disable=import-outside-toplevel
+  base = Config(
+      train_mode='pretrain', dataset='shapes10', data_dir=str(shapes10_dir),
+      eval_split='test', resnet_depth=18, width_multiplier=0.25,
+      image_size=32, train_batch_size=16, train_steps=2, use_blur=False,
+      use_tpu=False, eval_batch_size=100, eval_steps=2,
+      knn_monitor_steps=2, knn_bank_size=200, knn_random_init=True, seed=3,
+      mode='train_then_eval')
+  frozen = training.run(base.replace(
+      train_mode='finetune', fine_tune_after_block=4,
+      linear_eval_protocol='tf1', model_dir=str(tmp_path / 'frozen')
+  ).validate())
+  assert (frozen['eval/knn_top_1_accuracy_random_init'] ==
+          frozen['eval/knn_top_1_accuracy'])
+  trained = training.run(base.replace(
+      learning_rate=2.0, model_dir=str(tmp_path / 'trained')).validate())
+  assert (trained['eval/knn_top_1_accuracy_random_init'] ==
+          frozen['eval/knn_top_1_accuracy_random_init'])
+  assert (trained['eval/knn_top_1_accuracy'] !=
+          trained['eval/knn_top_1_accuracy_random_init'])

@@ -239,7 +239,7 @@ def test_only_the_chief_writes_to_model_dir(scenario):
   assert 'this worker saves to' not in cluster.log('b', 0)
   # Each worker reads its own half of the data, 8 / 2 per replica.
   for task in (0, 1):
-    assert (f"train input pipeline {task + 1}/2: shapes10/1.0.0 split "
+    assert (f"train input pipeline {task + 1}/2: shapes10/2.0.0 split "
             "'train', 4 per replica") in cluster.log('b', task)
 
 
