@@ -181,6 +181,10 @@ class Config:
 
   def validate(self):
     """Raises ConfigError (one line) for the first invalid value found."""
+    for name in FLOAT_FIELDS:  # nan passes every comparison below
+      if not math.isfinite(getattr(self, name)):
+        raise ConfigError(f'{name}={getattr(self, name)}: expected a finite '
+                          'number.')
     _one_of('train_mode', self.train_mode, TRAIN_MODES)
     _one_of('mode', self.mode, MODES)
     _one_of('optimizer', self.optimizer, OPTIMIZERS)
@@ -248,11 +252,6 @@ class Config:
       raise ConfigError(
           'proj_head_mode=none with train_mode=pretrain: the contrastive loss '
           'needs a projection head (linear or nonlinear).')
-    for name in ('learning_rate', 'momentum', 'distill_temperature',
-                 'distill_alpha', 'kernel_scale', 'convert_tolerance'):
-      if not math.isfinite(getattr(self, name)):
-        raise ConfigError(f'{name}={getattr(self, name)}: expected a finite '
-                          'number.')
     if self.train_mode == 'distill':
       if not self.teacher:
         raise ConfigError('train_mode=distill needs --teacher: the '
@@ -295,3 +294,8 @@ def _one_of(name, value, allowed):
 def _at_least(name, value, low):
   if value < low:
     raise ConfigError(f'{name}={value}: expected a value >= {low}.')
+
+
+# Every float setting: each must be finite.
+FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(Config)
+                     if f.type in (float, 'float'))

@@ -245,6 +245,13 @@ def distill(cfg):
   num_train = source.num_examples(cfg.train_split)
   source.num_examples(cfg.eval_split)  # fails early if the split is absent
   strategy = runtime.prepare(cfg)
+  with runtime.output_dir(cfg, strategy) as out_dir:
+    return _distill(cfg, source, num_train, temperature, alpha, strategy,
+                    out_dir)
+
+
+def _distill(cfg, source, num_train, temperature, alpha, strategy, out_dir):
+  """`distill` once model_dir is held: teacher, student, training, result."""
   # Several workers: the teacher stays a plain (per-process) copy; loading it
   # under MultiWorkerMirroredStrategy's scope makes its restored functions
   # refuse to run ("a graph generated from the cross-replica context").
@@ -277,23 +284,22 @@ def distill(cfg):
     names.insert(2, 'supervised_loss')
   step_fn = make_distill_step(student, teacher, optimizer, cfg, temperature,
                               alpha, strategy)
-  with runtime.output_dir(cfg, strategy) as out_dir:
-    _, finished = runtime.train(
-        cfg, strategy, student, optimizer, schedule, step_fn, names,
-        relabelled, num_train, out_dir, summary_prefix='distill/')
-    if not finished:
-      return None
-    step = int(optimizer.iterations.numpy())  # the weights evaluated
-    eval_data = data_lib.build_input_fn(relabelled, cfg.eval_batch_size,
-                                        False, cfg)()
-    result = evaluate(student, teacher, eval_data,
-                      steps=cfg.eval_steps or None, with_labels=with_labels)
-    result['global_step'] = step
-    logging.info('Distillation results: %s', result)
-    if runtime.is_chief(strategy):
-      runtime.write_json(os.path.join(cfg.model_dir, 'result.json'), result)
-    # Every worker exports (the others to their temporary out_dir).
-    export.export_and_rotate(student, out_dir, step, cfg.keep_hub_module_max)
+  _, finished = runtime.train(
+      cfg, strategy, student, optimizer, schedule, step_fn, names,
+      relabelled, num_train, out_dir, summary_prefix='distill/')
+  if not finished:
+    return None
+  step = int(optimizer.iterations.numpy())  # the weights evaluated
+  eval_data = data_lib.build_input_fn(relabelled, cfg.eval_batch_size,
+                                      False, cfg)()
+  result = evaluate(student, teacher, eval_data,
+                    steps=cfg.eval_steps or None, with_labels=with_labels)
+  result['global_step'] = step
+  logging.info('Distillation results: %s', result)
+  if runtime.is_chief(strategy):
+    runtime.write_json(os.path.join(cfg.model_dir, 'result.json'), result)
+  # Every worker exports (the others to their temporary out_dir).
+  export.export_and_rotate(student, out_dir, step, cfg.keep_hub_module_max)
   return result
 
 

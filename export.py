@@ -16,6 +16,8 @@ import os
 from absl import logging
 import tensorflow as tf
 
+import storage
+
 
 class SimCLRExport(tf.Module):
   """What is saved: the model, its trainable variables and the calls."""
@@ -52,12 +54,19 @@ def export_saved_model(model, export_dir):
   module.__call__.get_concrete_function(spec, True)
   module.__call__.get_concrete_function(spec, False)
   tmp_dir = export_dir.rstrip('/') + '.tmp'
-  if tf.io.gfile.exists(tmp_dir):
-    tf.io.gfile.rmtree(tmp_dir)
-  tf.saved_model.save(module, tmp_dir,
-                      signatures={'serving_default': module.serve})
-  if tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rmtree(export_dir)
+  storage.remove(tmp_dir)
+  try:
+    tf.saved_model.save(module, tmp_dir,
+                        signatures={'serving_default': module.serve})
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_write_error(e):
+      raise
+    storage.remove(tmp_dir)  # an earlier export of this step stays whole
+    raise storage.failed(
+        'the SavedModel', export_dir, e, storage.nbytes(model.variables),
+        'the checkpoints are saved: free some space and rerun the same '
+        'command to export.') from None
+  storage.remove(export_dir)
   tf.io.gfile.rename(tmp_dir, export_dir)
   logging.info('Exported SavedModel to %s', export_dir)
   return export_dir

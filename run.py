@@ -31,6 +31,7 @@ import convert_checkpoint
 import data as data_lib
 import distill
 import runtime
+import storage
 import training
 
 FLAGS = flags.FLAGS
@@ -293,11 +294,18 @@ def main(argv):
     else:
       training.run(cfg)
   except (config_lib.ConfigError, data_lib.DatasetError,
-          checkpoints.CheckpointError, runtime.TrainingDiverged) as e:
+          checkpoints.CheckpointError, runtime.TrainingDiverged,
+          storage.WriteFailed) as e:
     # One line for the person at the terminal, no stack trace.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except tf.errors.ResourceExhaustedError:
+  except tf.errors.ResourceExhaustedError as e:
+    if 'No space left' in str(e):  # a write not explained where it failed
+      where = str(e).splitlines()[-1][:200]
+      print(f'error: no space left on device ({where}); free some space '
+            'and rerun the same command to resume from the last checkpoint '
+            f'in --model_dir={FLAGS.model_dir}.', file=sys.stderr)
+      sys.exit(2)
     print(f'error: out of memory with --train_batch_size='
           f'{FLAGS.train_batch_size} and --eval_batch_size='
           f'{FLAGS.eval_batch_size} (per replica: divided by the replicas); '

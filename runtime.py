@@ -34,7 +34,9 @@ import checkpoints
 import config as config_lib
 import data as data_lib
 import metrics
+import model_dir_lock
 import model as model_lib
+import storage
 
 
 class TrainingDiverged(RuntimeError):
@@ -206,15 +208,22 @@ def is_multi_worker(strategy):
 
 @contextlib.contextmanager
 def output_dir(cfg, strategy):
-  """Where this process writes checkpoints and exports.
+  """Where this process writes checkpoints and exports; enter it before any
+  work.
 
-  The chief writes to model_dir. The other workers of a multi-worker run
-  must save too (saving reads synchronised variables, which takes every
-  worker's part in a collective), so they write to a private temporary
-  directory, removed when they finish.
+  The chief writes to model_dir, which it holds for the run
+  (`model_dir_lock`: a second run on it stops at once) unless this is
+  `--mode=eval`, which follows a training run's checkpoints. The other
+  workers of a multi-worker run must save too (saving reads synchronised
+  variables, which takes every worker's part in a collective), so they
+  write to a private temporary directory, removed when they finish.
   """
   if is_chief(strategy):
-    yield cfg.model_dir
+    if cfg.mode == 'eval':
+      yield cfg.model_dir
+    else:
+      with model_dir_lock.held(cfg.model_dir):
+        yield cfg.model_dir
     return
   path = tempfile.mkdtemp(prefix='simclr_worker_')
   logging.info('Not the chief: this worker saves to %s (removed at exit).',
@@ -350,10 +359,46 @@ def step_plan(cfg, num_train_examples):
 
 
 def write_json(path, obj):
-  """Writes `obj` as JSON to `path` atomically (gs:// works)."""
-  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-    json.dump(obj, f)
-  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+  """Writes `obj` as JSON to `path` atomically (gs:// works); a failed
+  write leaves any earlier file and stops with storage.WriteFailed."""
+  text = json.dumps(obj)
+  try:
+    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+      f.write(text)
+    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_write_error(e):
+      raise
+    storage.remove(path + '.tmp')
+    raise storage.failed(os.path.basename(path), os.path.dirname(path), e,
+                         len(text), 'the checkpoints are saved: free some '
+                         'space and rerun the same command.') from None
+
+
+def save_checkpoint(manager, step, model, optimizer):
+  """`manager.save` at `step`. A failed write (a full disk) removes the
+  partial checkpoint, so the previous one stays the latest, and stops with
+  storage.WriteFailed."""
+  previous = manager.latest_checkpoint
+  try:
+    return manager.save(checkpoint_number=step)
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_write_error(e):
+      raise
+    prefix = os.path.join(manager.directory, f'ckpt-{step}')
+    storage.remove(prefix + '_temp')
+    if tf.train.latest_checkpoint(manager.directory) != prefix:
+      for path in tf.io.gfile.glob(prefix + '.*'):
+        storage.remove(path)
+    slots = optimizer.variables
+    needed = storage.nbytes(model.variables) + storage.nbytes(
+        slots() if callable(slots) else slots)
+    still = (f'the latest checkpoint is still {os.path.basename(previous)}'
+             if previous else 'no checkpoint was written')
+    raise storage.failed(
+        f'checkpoint ckpt-{step}', manager.directory, e, needed,
+        f'{still}: free some space and rerun the same command to resume.'
+    ) from None
 
 
 def check_writable(model_dir):
@@ -650,7 +695,7 @@ def train(cfg, strategy, model, optimizer, schedule, step_fn, metric_names,
       stopping = any_worker(strategy, stop.requested)
       last = step >= train_steps
       if step % checkpoint_steps == 0 or last or stopping:
-        manager.save(checkpoint_number=step)
+        save_checkpoint(manager, step, model, optimizer)
       if periodic is not None and not stopping and (
           step % periodic.steps == 0 or last):
         with summary_writer.as_default():

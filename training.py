@@ -227,11 +227,11 @@ def run(cfg):
         '--mode=eval with several workers is not supported: run it in one '
         'process, without TF_CONFIG (or use --mode=train_then_eval).')
   strategy = runtime.prepare(cfg)
-  if runtime.is_chief(strategy) and cfg.dataset.startswith(
-      data_lib.FOLDER_PREFIX):
-    source.write_class_names(cfg.model_dir)
-  model = runtime.build_model(cfg, source.num_classes, strategy)
   with runtime.output_dir(cfg, strategy) as out_dir:
+    if runtime.is_chief(strategy) and cfg.dataset.startswith(
+        data_lib.FOLDER_PREFIX):
+      source.write_class_names(cfg.model_dir)
+    model = runtime.build_model(cfg, source.num_classes, strategy)
     return _run_mode(cfg, source, strategy, model, num_train, num_eval,
                      out_dir)
 

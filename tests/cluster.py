@@ -33,7 +33,9 @@ class Cluster:
     ports = free_ports(2)
     self.cluster = {'worker': [f'127.0.0.1:{p}' for p in ports]}
 
-  def start(self, name):
+  def start(self, name, task_args=((), ())):
+    """Launches both workers; `task_args[t]` is appended to worker t's
+    command (a later flag wins)."""
     procs = []
     for task in range(2):
       tmpdir = self.tmp / f'{name}_tmp{task}'  # where a worker's temp goes
@@ -44,7 +46,8 @@ class Cluster:
                      'task': {'type': 'worker', 'index': task}}))
       log = open(self.tmp / f'{name}_worker{task}.log', 'w')
       procs.append(subprocess.Popen(
-          [sys.executable, str(ROOT / 'run.py'), *self.args], cwd=ROOT,
+          [sys.executable, str(ROOT / 'run.py'), *self.args,
+           *task_args[task]], cwd=ROOT,
           env=env, stdout=log, stderr=subprocess.STDOUT))
       log.close()
     return procs

@@ -130,3 +130,34 @@ def test_every_flag_is_a_config_field_and_back():
   assert enums == set(choices)
   for name, allowed in choices.items():
     assert list(defined[name].parser.enum_values) == list(allowed), name
+
+
+FLOAT_FLAGS = sorted(
+    f.name for f in flags.FLAGS.get_flags_for_module(run)
+    if f.parser.flag_type() == 'float')
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '-inf'])
+@pytest.mark.parametrize('name', FLOAT_FLAGS)
+def test_every_float_flag_must_be_finite(name, value, tmp_path, capsys,
+                                         monkeypatch):
+  """run.py stops before any work, with one line, for every float flag
+  (taken from run.py's definitions) given nan or an infinity."""
+  import helpers  # pylint: disable=import-outside-toplevel
+  import runtime  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(runtime, 'prepare', lambda cfg: pytest.fail('work'))
+  code = helpers.run_main_exit_code(
+      ['--use_tpu=False', f'--model_dir={tmp_path}', f'--{name}={value}'])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f'error: {name}={float(value)}: expected a finite number.']
+
+
+def test_the_float_flags_are_the_expected_ones():
+  # Written down by hand: the original's ten, and ours.
+  assert FLOAT_FLAGS == sorted([
+      'learning_rate', 'warmup_epochs', 'weight_decay', 'momentum',
+      'color_jitter_strength', 'temperature', 'batch_norm_decay',
+      'width_multiplier', 'sk_ratio', 'se_ratio', 'knn_temperature',
+      'distill_temperature', 'distill_alpha', 'kernel_scale',
+      'convert_tolerance'])

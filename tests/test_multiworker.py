@@ -20,6 +20,8 @@ what one process with two replicas does on the same per-replica batches.
 import json
 import os
 import re
+import shutil
+import signal
 
 from absl import flags
 import numpy as np
@@ -28,7 +30,7 @@ import tensorflow as tf
 
 import checkpoints
 from cluster import assert_both_resumed_and_finished
-from cluster import Cluster, kill_and_restart
+from cluster import Cluster, kill_and_restart, stop_all, wait_for
 import conftest
 import config as config_lib
 import data as data_lib
@@ -348,3 +350,66 @@ def test_workers_train_like_one_process_with_two_replicas(scenario,
   largest = max(worst, key=worst.get)
   print(f'largest difference / change: {worst[largest]:.3g} at {largest}')
   assert worst[largest] <= 0.05, (largest, worst[largest])
+
+
+def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(
+    scenario):
+  """The preemption notice of one machine: both workers save at one step,
+  the chief to model_dir, and exit 0; the same command resumes."""
+  cluster = scenario['cluster']
+  model_dir = cluster.tmp / 'preempted'
+  long_run = [f'--model_dir={model_dir}', '--train_steps=100000',
+              '--checkpoint_steps=100000']
+  procs = cluster.start('d', (long_run, long_run))
+  try:
+    wait_for(lambda: 'step 3/100000' in cluster.log('d', 0), procs, 300,
+             'step 3', cluster, 'd')
+    procs[1].send_signal(signal.SIGTERM)
+    rcs = [p.wait(timeout=120) for p in procs]
+  finally:
+    stop_all(procs)
+  logs = [cluster.log('d', task) for task in (0, 1)]
+  assert rcs == [0, 0], logs[0][-3000:]
+  chief = re.search(r'Stopped by another worker at step (\d+) after saving; '
+                    r'rerun the same command to resume\.', logs[0])
+  worker = re.search(rf'Stopped by signal {int(signal.SIGTERM)} at step '
+                     r'(\d+) after saving', logs[1])
+  assert chief and worker, (logs[0][-2000:], logs[1][-2000:])
+  step = int(chief.group(1))
+  assert int(worker.group(1)) == step >= 3
+  assert tf.train.latest_checkpoint(str(model_dir)) == str(
+      model_dir / f'ckpt-{step}')
+  assert not list(model_dir.glob('.run_lock.*'))
+  print(f'SIGTERM to worker 1: both workers saved at step {step} and exited '
+        f'0; chief: "{chief.group(0)}"')
+
+
+def test_workers_resumed_at_different_steps_stop_with_one_line(scenario):
+  """model_dir not shared: each worker finds its own latest checkpoint."""
+  cluster, model_dir = scenario['cluster'], scenario['model_dir']
+  ahead, behind = cluster.tmp / 'ahead', cluster.tmp / 'behind'
+  shutil.copytree(model_dir, ahead)
+  shutil.copytree(model_dir, behind)
+  for path in behind.glob('ckpt-4.*'):
+    path.unlink()
+  tf.compat.v1.train.update_checkpoint_state(str(behind),
+                                            str(behind / 'ckpt-2'))
+  procs = cluster.start('e', ([f'--model_dir={ahead}', '--train_steps=6'],
+                              [f'--model_dir={behind}', '--train_steps=6']))
+  try:
+    rcs = [p.wait(timeout=300) for p in procs]
+  finally:
+    stop_all(procs)
+  for task, (step, where) in enumerate(((4, ahead), (2, behind))):
+    log = cluster.log('e', task)
+    last = log.strip().splitlines()[-1]
+    assert last == (
+        f'error: the workers resumed at different steps (this one at step '
+        f'{step}, the mean over replicas is 3): --model_dir={where} must be '
+        'one directory that every worker reads (a shared file system or '
+        'gs://), not a local one per machine.'), log[-3000:]
+    assert 'step 5/6' not in log
+  assert rcs == [2, 2]
+  assert tf.train.latest_checkpoint(str(ahead)).endswith('ckpt-4')
+  assert tf.train.latest_checkpoint(str(behind)).endswith('ckpt-2')
+  assert not list(ahead.glob('ckpt-6*')) and not list(behind.glob('ckpt-6*'))
