@@ -2,8 +2,9 @@
 
 Two sources of chatter, each with its own switch back on:
 - TensorFlow's native (C++) log lines: the start-up messages (oneDNN, CUDA
-  drivers, CPU instructions) and later INFO lines (XLA service, compiled
-  clusters). `hide_native_startup` hides them unless the usual environment
+  drivers, CPU instructions) and later INFO and WARNING lines (XLA service,
+  compiled clusters, rendezvous notes around an error that the run explains
+  itself). `hide_native_startup` hides them unless the usual environment
   variable is set: `TF_CPP_MIN_LOG_LEVEL=0 python run.py ...` shows all.
 - Python log lines of the libraries (TensorFlow deprecations, TFDS and
   Keras saving notes): `show_run_lines_only` keeps the lines logged by this
@@ -46,12 +47,12 @@ def hide_native_startup():
 
   The start-up lines are written before TensorFlow reads its log level, so
   they are captured at the file descriptor; later native lines follow
-  TF_CPP_MIN_LOG_LEVEL, set here to 1 (warnings and errors) unless the user
-  set it, which also turns the capture off.
+  TF_CPP_MIN_LOG_LEVEL, set here to 2 (errors only) unless the user set it,
+  which also turns the capture off.
   """
   if _NATIVE_LEVEL in os.environ:
     return
-  os.environ[_NATIVE_LEVEL] = '1'
+  os.environ[_NATIVE_LEVEL] = '2'
   with _stderr_captured():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.list_physical_devices()

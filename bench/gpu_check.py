@@ -9,7 +9,7 @@ printing one JSON line per figure (all of them also go to --out):
 1. `gpu_tests`: the tests of the GPU-relevant paths (precisions and loss
    scaling, XLA, fused batch norm, MirroredStrategy) run on this machine's
    devices: tests/test_speed_options.py and tests/test_distributed.py
-   (--quick: a handful of them). The line counts passed and failed.
+   (--quick: two of them). The line counts passed and failed.
 2. `train_step` (bench/train_step.py): ResNet-50 at 224 px, batch 128 and
    256, in float32, mixed_float16 and mixed_bfloat16, each with and without
    --jit_compile: images/s, GFLOP/s against a matmul ceiling measured in
@@ -46,8 +46,7 @@ FULL = dict(
 QUICK = dict(
     tests=['tests/test_speed_options.py::test_xla_refuses_several_replicas',
            'tests/test_speed_options.py::'
-           'test_fused_batch_norm_freezes_like_the_unfused_layer',
-           'tests/test_distributed.py::test_local_batch_norm_differs_by_design'],
+           'test_fused_batch_norm_freezes_like_the_unfused_layer'],
     configs='r18_32_b8', seconds=1, matmul_size=256,
     pretrain=['--train_steps=2', '--train_batch_size=8',
               '--knn_monitor_steps=2', '--knn_bank_size=100',
