@@ -54,14 +54,23 @@ class TfdsSource:
     self.splits = list(builder.info.splits.keys())
 
   def num_examples(self, split):
-    self._check_split(split)
-    return self.builder.info.splits[split].num_examples
+    """Examples in `split`: a split name or a TFDS slice of splits
+    ('train[:10%]', 'train[10%:]', 'train[:1000]+test'), counted as TFDS
+    reads them."""
+    return self._split_info(split).num_examples
 
-  def _check_split(self, split):
-    if split not in self.builder.info.splits:
+  def _split_info(self, split):
+    try:
+      info = self.builder.info.splits[split]
+    except (ValueError, KeyError):
       raise DatasetError(
           f'split {split!r} not in dataset {self.name}: it has '
-          f'{", ".join(self.splits)}.')
+          f'{", ".join(self.splits)} (slices such as '
+          f'{self.splits[0]}[:10%] work too).') from None
+    if not info.num_examples:
+      raise DatasetError(f'split {split!r} of dataset {self.name} has no '
+                         'examples.')
+    return info
 
   def as_dataset(self, split, shuffle_files=False, input_context=None,
                  seed=None):
@@ -74,10 +83,9 @@ class TfdsSource:
     `seed` fixes the order of shuffled files.
     """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self._check_split(split)
+    info = self._split_info(split)
     pipelines = input_context.num_input_pipelines if input_context else 1
-    if pipelines > 1 and (self.builder.info.splits[split].num_shards <
-                          pipelines):
+    if pipelines > 1 and info.num_shards < pipelines:
       split = tfds.even_splits(split, pipelines)[
           input_context.input_pipeline_id]
       input_context = None

@@ -198,3 +198,50 @@ def test_image_folder_feeds_the_pipeline(tmp_path):
   count, classes, _ = _eval_totals(batches, num_classes=2)
   assert count == 4 and len(batches) == 2
   assert list(classes) == [2, 2]
+
+
+def _ids(source, split, input_context=None):
+  return [x['id'].numpy().decode() for x in
+          source.as_dataset(split, input_context=input_context)]
+
+
+def test_tfds_split_slices_read_and_count_their_examples(shapes):
+  train = _ids(shapes, 'train')
+  assert sorted(train) == [f'train_{i:05d}' for i in range(5000)]
+  first, rest = _ids(shapes, 'train[:10%]'), _ids(shapes, 'train[10%:]')
+  # A partition of the split, the same examples at every read.
+  assert (len(first), len(rest)) == (500, 4500)
+  assert sorted(first + rest) == sorted(train)
+  assert _ids(shapes, 'train[:10%]') == first
+  assert [shapes.num_examples(s) for s in (
+      'train[:10%]', 'train[10%:]', 'train[:1000]+test')] == [500, 4500, 2000]
+  # Two input pipelines (workers) read disjoint halves of the slice.
+  halves = [_ids(shapes, 'train[:10%]', tf.distribute.InputContext(2, w, 1))
+            for w in (0, 1)]
+  assert sorted(halves[0] + halves[1]) == sorted(first)
+  assert len(halves[0]) == len(halves[1]) == 250
+
+
+@pytest.mark.parametrize('split', ['train[:200%]', 'train[', 'nope[:5]',
+                                   'train[:0]'])
+def test_bad_split_slices_give_one_line(shapes, split):
+  with pytest.raises(data_lib.DatasetError) as error:
+    shapes.num_examples(split)
+  message = str(error.value)
+  assert message.startswith(f'split {split!r} ') and '\n' not in message
+  assert ('has no examples' if split == 'train[:0]' else
+          'it has train, test (slices such as train[:10%] work too)'
+          ) in message
+
+
+def test_the_schedule_counts_the_slice(shapes10_dir, tmp_path):
+  """One epoch of 'train[:2%]' (100 examples) at batch 50: the original's
+  step count, examples * epochs // batch + 1, is 3 (the whole split: 101)."""
+  import training  # pylint: disable=import-outside-toplevel
+  cfg = Config(dataset='shapes10', data_dir=str(shapes10_dir),
+               train_split='train[:2%]', train_epochs=1, train_batch_size=50,
+               resnet_depth=18, width_multiplier=0.25, image_size=32,
+               use_blur=False, use_tpu=False, mode='train',
+               model_dir=str(tmp_path)).validate()
+  training.run(cfg)
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-3')
