@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 
-_PROJECT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 _NATIVE_LEVEL = 'TF_CPP_MIN_LOG_LEVEL'
 
 
@@ -59,11 +59,15 @@ def hide_native_startup():
 
 
 class _RunLinesOnly(logging.Filter):
-  """Passes this project's records and every error."""
+  """Passes the records of this project's modules and every error.
+
+  The modules are the files at the top of the project (a virtual
+  environment inside it holds the libraries further down).
+  """
 
   def filter(self, record):
     return (record.levelno >= logging.ERROR or
-            os.path.abspath(record.pathname).startswith(_PROJECT_DIR))
+            os.path.dirname(os.path.abspath(record.pathname)) == _PROJECT_DIR)
 
 
 def show_run_lines_only(library_logs=False):
