@@ -379,7 +379,6 @@ def save_checkpoint(manager, step, model, optimizer):
   """`manager.save` at `step`. A failed write (a full disk) removes the
   partial checkpoint, so the previous one stays the latest, and stops with
   storage.WriteFailed."""
-  previous = manager.latest_checkpoint
   try:
     return manager.save(checkpoint_number=step)
   except Exception as e:  # pylint: disable=broad-except
@@ -387,14 +386,15 @@ def save_checkpoint(manager, step, model, optimizer):
       raise
     prefix = os.path.join(manager.directory, f'ckpt-{step}')
     storage.remove(prefix + '_temp')
-    if tf.train.latest_checkpoint(manager.directory) != prefix:
+    latest = tf.train.latest_checkpoint(manager.directory)
+    if latest != prefix:  # not recorded: its files are partial
       for path in tf.io.gfile.glob(prefix + '.*'):
         storage.remove(path)
     slots = optimizer.variables
     needed = storage.nbytes(model.variables) + storage.nbytes(
         slots() if callable(slots) else slots)
-    still = (f'the latest checkpoint is still {os.path.basename(previous)}'
-             if previous else 'no checkpoint was written')
+    still = (f'the latest checkpoint is still {os.path.basename(latest)}'
+             if latest else 'no checkpoint was written')
     raise storage.failed(
         f'checkpoint ckpt-{step}', manager.directory, e, needed,
         f'{still}: free some space and rerun the same command to resume.'
