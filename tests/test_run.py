@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -328,8 +329,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
           variable.numpy(), reader.get_tensor(key + checkpoints.SUFFIX), key)
   assert any('.OPTIMIZER_SLOT' in k for k in restored)
 
+  # The killed run's lock claim stays behind; its process is gone, so the
+  # rerun takes it over (model_dir_lock).
+  assert len(list(tmp_path.glob('.run_lock.*.json'))) == 1
   resumed = run_cli(*PRETRAIN, f'--model_dir={tmp_path}', '--mode=train',
                     *SHRINK, f'--train_steps={step + 2}')
+  assert (f'Taking over the lock of --model_dir={tmp_path} from an earlier '
+          f'run (host {socket.gethostname()}, pid {proc.pid}, started '
+          in resumed.stderr), resumed.stderr[-2000:]
+  assert 'its process is gone' in resumed.stderr
+  assert not list(tmp_path.glob('.run_lock.*'))
   assert f'Resuming from {latest}' in resumed.stderr
   assert f'step {step + 2}/{step + 2}' in resumed.stderr
   assert (tmp_path / f'ckpt-{step + 2}.index').exists()
