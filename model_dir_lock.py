@@ -26,6 +26,7 @@ from absl import logging
 import tensorflow as tf
 
 import config as config_lib
+import storage
 
 PREFIX = '.run_lock.'
 HEARTBEAT_S = 60.0
@@ -44,13 +45,6 @@ def _process_alive(pid):
   except PermissionError:  # someone else's process
     return True
   return True
-
-
-def _write(path, claim):
-  tmp = f'{path}.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(json.dumps(claim))
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _read(path):
@@ -86,7 +80,7 @@ def _acquire(model_dir, stale_s):
   mine = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': now,
           'heartbeat': now, 'id': uuid.uuid4().hex}
   path = os.path.join(model_dir, f'{PREFIX}{mine["id"]}.json')
-  _write(path, mine)
+  storage.write_json(path, mine)
   holders = []
   for other_path, claim in _claims(model_dir).items():
     if other_path == path or claim is None:
@@ -121,7 +115,7 @@ def held(model_dir, heartbeat_s=HEARTBEAT_S, stale_s=STALE_S):
     while not done.wait(heartbeat_s):
       mine['heartbeat'] = time.time()
       with contextlib.suppress(tf.errors.OpError, OSError):
-        _write(path, mine)  # a missed beat is retried at the next
+        storage.write_json(path, mine)  # a missed beat is retried at the next
 
   thread = threading.Thread(target=beat, daemon=True)
   thread.start()

@@ -361,18 +361,16 @@ def step_plan(cfg, num_train_examples):
 def write_json(path, obj):
   """Writes `obj` as JSON to `path` atomically (gs:// works); a failed
   write leaves any earlier file and stops with storage.WriteFailed."""
-  text = json.dumps(obj)
   try:
-    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-      f.write(text)
-    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    storage.write_json(path, obj)
   except Exception as e:  # pylint: disable=broad-except
     if not storage.is_write_error(e):
       raise
     storage.remove(path + '.tmp')
     raise storage.failed(os.path.basename(path), os.path.dirname(path), e,
-                         len(text), 'the checkpoints are saved: free some '
-                         'space and rerun the same command.') from None
+                         len(json.dumps(obj)), 'the checkpoints are saved: '
+                         'free some space and rerun the same command.'
+                         ) from None
 
 
 def save_checkpoint(manager, step, model, optimizer):

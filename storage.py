@@ -6,6 +6,7 @@ The writers (checkpoints in runtime.py, SavedModels in export.py) remove
 their partial output first, so a full disk never leaves a broken latest
 checkpoint or export behind.
 """
+import json
 import os
 import shutil
 
@@ -13,7 +14,8 @@ import tensorflow as tf
 
 # Failures of a collective (a lost worker), not of the write: run.py
 # explains those.
-_NOT_WRITE_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+_NOT_WRITE_ERRORS = (tf.errors.UnavailableError,
+                     tf.errors.DeadlineExceededError,
                      tf.errors.CancelledError, tf.errors.AbortedError)
 
 
@@ -56,6 +58,14 @@ def _cause(error):
       return cause
   lines = [line for line in text.splitlines() if line.strip()]
   return f'{type(error).__name__}: {(lines or [""])[-1][:160]}'
+
+
+def write_json(path, obj):
+  """Writes `obj` as JSON to `path` through a temporary file and a rename,
+  so readers see the old file or the new one, never part of one."""
+  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+    f.write(json.dumps(obj))
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
 
 
 def remove(path):
