@@ -16,8 +16,9 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 # The original's, plus distill (SimCLRv2 distillation, distill.py).
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
 # The original's, plus convert (any checkpoint -> TF2 checkpoint and
-# SavedModel, convert_checkpoint.py).
-MODES = ('train', 'eval', 'train_then_eval', 'convert')
+# SavedModel, convert_checkpoint.py) and embed (features of a split to
+# model_dir, embed.py).
+MODES = ('train', 'eval', 'train_then_eval', 'convert', 'embed')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 ON_CORRUPT = ('fail', 'skip')
 # Keras mixed-precision policies: layers compute in bfloat16 or float16,
@@ -96,11 +97,22 @@ class Config:
   # float32 keeps the original's unfused arithmetic.
   fused_batch_norm: Optional[bool] = None
   train_summary_steps: int = 100
+  # Gradient-cached NT-Xent (grad_cache.py): each replica's pretraining
+  # batch goes through the model in this many chunks (1: off), so memory is
+  # that of a chunk while the negatives are the whole batch's.
+  grad_cache_chunks: int = 1
   # Resuming: if the latest checkpoint in model_dir is unreadable, resume from
   # the newest readable earlier one (and say so) instead of stopping.
   resume_fallback: bool = False
   # Image folders: 'fail' on an unreadable image, or 'skip' it (and say so).
   on_corrupt: str = 'fail'
+  # TFRecord files (--dataset=tfrecord:<root>, tfrecord_source.py): the
+  # features holding the encoded image and the label ('': TFDS's `image`
+  # and `label`, else ImageNet's `image/encoded` and `image/class/label`),
+  # and the number of classes (0: one more than the largest train label).
+  tfrecord_image_key: str = ''
+  tfrecord_label_key: str = ''
+  tfrecord_num_classes: int = 0
   # Reproducible runs: the input pipelines' shuffling and augmentations and
   # the initialisation follow this seed (None: unseeded, as the original).
   seed: Optional[int] = None
@@ -153,6 +165,9 @@ class Config:
   # difference accepted, relative to the output's scale.
   kernel_scale: float = 1.0
   convert_tolerance: float = 1e-4
+  # Embedding (mode='embed', embed.py): also write the projection head's
+  # output next to the encoder's final_avg_pool.
+  embed_proj_head: bool = False
 
   @property
   def cifar_stem(self):
@@ -204,6 +219,7 @@ class Config:
     _at_least('knn_monitor_steps', self.knn_monitor_steps, 0)
     _at_least('knn_bank_size', self.knn_bank_size, 0)
     _at_least('knn_k', self.knn_k, 1)
+    _at_least('tfrecord_num_classes', self.tfrecord_num_classes, 0)
     if self.knn_temperature <= 0:
       raise ConfigError(f'knn_temperature={self.knn_temperature}: expected a '
                         'positive number.')
@@ -272,6 +288,20 @@ class Config:
             f'kernel_scale={self.kernel_scale}, convert_tolerance='
             f'{self.convert_tolerance}: expected a positive scale and a '
             'tolerance >= 0.')
+    _at_least('grad_cache_chunks', self.grad_cache_chunks, 1)
+    if self.grad_cache_chunks > 1:
+      if self.train_mode != 'pretrain':
+        raise ConfigError(
+            f'grad_cache_chunks={self.grad_cache_chunks} with train_mode='
+            f'{self.train_mode}: the gradient cache is for the contrastive '
+            'loss of pretraining; use 1.')
+      if self.jit_compile:
+        raise ConfigError(
+            f'grad_cache_chunks={self.grad_cache_chunks} with jit_compile: '
+            'the chunked step is not XLA-compiled; drop one of them.')
+    if self.embed_proj_head and self.proj_head_mode == 'none':
+      raise ConfigError('embed_proj_head=True with proj_head_mode=none: '
+                        'there is no projection head to embed with.')
     if self.use_ema_weights and not self.checkpoint:
       raise ConfigError('use_ema_weights=True without --checkpoint: it '
                         'chooses the EMA weights of the checkpoint restored.')

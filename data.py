@@ -1,4 +1,5 @@
-"""Datasets and input pipelines: TFDS, image folders and the embedded dataset.
+"""Datasets and input pipelines: TFDS, image folders (labelled or not),
+TFRecord files and the embedded dataset.
 
 A *source* is what a dataset name resolves to (`get_source`): it knows its
 class names, its split sizes and gives raw examples
@@ -23,8 +24,11 @@ from absl import logging
 import tensorflow as tf
 
 import data_util
+import image_folder
+import tfrecord_source
 
 FOLDER_PREFIX = 'folder:'
+UNLABELLED_PREFIX = 'unlabelled:'
 
 # Largest image side (source and output) that data.py augments a batch at a
 # time (data_util's batched path). bench/augment.py on a 2-core CPU, two-view
@@ -36,8 +40,14 @@ FOLDER_PREFIX = 'folder:'
 BATCHED_AUGMENTATION_MAX_SIZE = 48
 
 
-class DatasetError(ValueError):
-  """A dataset cannot be used; the message is one line for the user."""
+# Features that name a TFDS example (cifar10, shapes10: id; imagenet2012:
+# file_name).
+ID_FEATURES = ('id', 'file_name')
+
+
+# A dataset cannot be used; the message is one line for the user. One class
+# for every source (run.py stops on it), defined where the sources start.
+DatasetError = image_folder.DatasetError
 
 
 class TfdsSource:
@@ -82,6 +92,10 @@ class TfdsSource:
     one file) each reads its own contiguous, even slice of the examples.
     `seed` fixes the order of shuffled files.
     """
+    return self._read(split, shuffle_files, input_context, seed)
+
+  def _read(self, split, shuffle_files=False, input_context=None, seed=None,
+            decoders=None):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     info = self._split_info(split)
     pipelines = input_context.num_input_pipelines if input_context else 1
@@ -92,27 +106,53 @@ class TfdsSource:
     read_config = tfds.ReadConfig(input_context=input_context,
                                   shuffle_seed=seed)
     return self.builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                                   read_config=read_config)
+                                   read_config=read_config, decoders=decoders)
+
+  def ids(self, split):
+    """The examples' ids (`id` or `file_name` feature, else their position)
+    in the order `as_dataset(split)` gives them; the images are not
+    decoded."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    features = self.builder.info.features
+    key = next((k for k in ID_FEATURES if k in features), None)
+    if key is None:
+      return [str(i) for i in range(self.num_examples(split))]
+    dataset = self._read(split, decoders={
+        'image': tfds.decode.SkipDecoding()}).map(lambda ex: ex[key])
+    return [i.decode() for i in dataset.as_numpy_iterator()]
 
 
-def get_source(dataset, data_dir=None, on_corrupt='fail'):
+def source_for(config):
+  """The source of `config.dataset`, with the config's data options."""
+  return get_source(config.dataset, config.data_dir, config.on_corrupt,
+                    tfrecord_source.Features(
+                        config.tfrecord_image_key, config.tfrecord_label_key,
+                        config.tfrecord_num_classes, config.train_split))
+
+
+def get_source(dataset, data_dir=None, on_corrupt='fail',
+               tfrecord_features=tfrecord_source.Features()):
   """Resolves a dataset name to a source, or raises a one-line DatasetError.
 
   Args:
     dataset: a TFDS name (`cifar10`, `imagenet2012_subset/1pct`, ...),
-      `shapes10` (the embedded dataset, generated on first use) or
-      `folder:/path/to/root` (one sub-directory per split, then per class).
+      `shapes10` (the embedded dataset, generated on first use),
+      `folder:/path/to/root` (one sub-directory per split, then per class),
+      `unlabelled:/path/to/root` (images at any depth, no labels: one
+      split, `train`, and `num_classes` 0) or `tfrecord:/path/to/root`
+      (TFRecord files; splits are file patterns, see tfrecord_source.py).
     data_dir: TFDS data directory (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     on_corrupt: image folders only: 'fail' or 'skip' unreadable images.
+    tfrecord_features: TFRecord files only: the features to read.
   """
-  if dataset.startswith(FOLDER_PREFIX):
-    import image_folder  # pylint: disable=import-outside-toplevel
-    try:
-      return image_folder.ImageFolderBuilder(dataset[len(FOLDER_PREFIX):],
-                                             on_corrupt=on_corrupt)
-    except image_folder.DatasetError as e:
-      raise DatasetError(str(e)) from None
+  if dataset.startswith(tfrecord_source.PREFIX):
+    return tfrecord_source.TfrecordSource(
+        dataset[len(tfrecord_source.PREFIX):], tfrecord_features)
+  for prefix, labelled in ((FOLDER_PREFIX, True), (UNLABELLED_PREFIX, False)):
+    if dataset.startswith(prefix):
+      return image_folder.ImageFolderBuilder(
+          dataset[len(prefix):], on_corrupt=on_corrupt, labelled=labelled)
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   import embedded_dataset  # pylint: disable=import-outside-toplevel
   if dataset == embedded_dataset.NAME:
@@ -123,8 +163,9 @@ def get_source(dataset, data_dir=None, on_corrupt='fail'):
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DatasetError(f'dataset {dataset!r} is not a TFDS dataset, '
-                       f'{FOLDER_PREFIX}<path> or {embedded_dataset.NAME} '
-                       f'({first})') from None
+                       f'{FOLDER_PREFIX}<path>, {UNLABELLED_PREFIX}<path>, '
+                       f'{tfrecord_source.PREFIX}<path> or '
+                       f'{embedded_dataset.NAME} ({first})') from None
   if not builder.is_prepared():
     how = f'run `tfds build {dataset} --data_dir={where}`'
     if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
@@ -133,6 +174,26 @@ def get_source(dataset, data_dir=None, on_corrupt='fail'):
     raise DatasetError(f'dataset {dataset!r} is not prepared in {where} '
                        f'(looked for {builder.data_dir}): {how}.')
   return TfdsSource(builder)
+
+
+def check_labelled(source, config):
+  """Raises DatasetError (one line) when `source` has no labels
+  (`num_classes` 0) but the run `config` describes needs them."""
+  if source.num_classes:
+    return
+  needs = []
+  if config.train_mode == 'finetune':
+    needs.append('--train_mode=finetune trains a classifier on them')
+  elif config.train_mode == 'pretrain' and config.lineareval_while_pretraining:
+    needs.append('--lineareval_while_pretraining (on by default) trains a '
+                 'linear head on them: pass --lineareval_while_pretraining='
+                 'False')
+  if config.knn_monitor_steps:
+    needs.append('the kNN monitor evaluates with them: pass '
+                 '--knn_monitor_steps=0')
+  if needs:
+    raise DatasetError(f'dataset {source.name} has no labels, but '
+                       f'{"; ".join(needs)}.')
 
 
 def _preprocess_fn(config, is_training, fixed_size):
@@ -220,7 +281,8 @@ def num_eval_examples(source, split, max_examples=0):
 
 
 def build_input_fn(source, global_batch_size, is_training, config,
-                   num_replicas=1, split=None, max_examples=0):
+                   num_replicas=1, split=None, max_examples=0,
+                   with_index=False):
   """Returns `input_fn(input_context=None) -> tf.data.Dataset` per replica.
 
   Args:
@@ -234,9 +296,13 @@ def build_input_fn(source, global_batch_size, is_training, config,
       monitor's feature bank reads the train split with eval preprocessing).
     max_examples: eval only: if > 0, only the split's first `max_examples`
       examples (in the order stored, unshuffled); see `num_eval_examples`.
+    with_index: eval only: the labels also hold `index`, the example's
+      position in the split (`source.ids(split)` order; -1 for padding), and
+      `label`, its int64 class (-1 unlabelled or padding).
   """
-  if is_training and (split is not None or max_examples):
-    raise ValueError('split and max_examples are for eval pipelines only.')
+  if is_training and (split is not None or max_examples or with_index):
+    raise ValueError('split, max_examples and with_index are for eval '
+                     'pipelines only.')
   split = split or (config.train_split if is_training else config.eval_split)
   num_classes = source.num_classes
   preprocess = _preprocess_fn(config, is_training,
@@ -247,6 +313,8 @@ def build_input_fn(source, global_batch_size, is_training, config,
     image = preprocess(example['image'], seed=seed)
     labels = {'labels': tf.one_hot(example['label'], num_classes),
               'mask': tf.constant(1.)}
+    if with_index:
+      labels.update(index=example['index'], label=example['label'])
     return image, labels
 
   def _batched_train_dataset(dataset, batch_size, seed, pipeline_id):
@@ -297,6 +365,9 @@ def build_input_fn(source, global_batch_size, is_training, config,
     # Evaluation: shard by example (not by file) so shards differ by at most
     # one example, then pad every shard to the same number of full batches.
     dataset = source.as_dataset(split, shuffle_files=False)
+    if with_index:
+      dataset = dataset.enumerate().map(
+          lambda i, example: dict(example, index=i))
     if max_examples:
       dataset = dataset.take(num_examples)
     if pipelines > 1:
@@ -314,6 +385,9 @@ def build_input_fn(source, global_batch_size, is_training, config,
     size = config.image_size
     blank = (tf.zeros([size, size, 3]),
              {'labels': tf.zeros([num_classes]), 'mask': tf.constant(0.)})
+    if with_index:
+      blank[1].update(index=tf.constant(-1, tf.int64),
+                      label=tf.constant(-1, tf.int64))
     dataset = dataset.concatenate(
         tf.data.Dataset.from_tensors(blank).repeat(padding))
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -340,14 +414,16 @@ def check_divisible(global_batch_size, replicas, name='batch size'):
 
 
 def build_distributed_dataset(source, global_batch_size, is_training,
-                              strategy, config, split=None, max_examples=0):
+                              strategy, config, split=None, max_examples=0,
+                              with_index=False):
   """The per-replica pipeline distributed over `strategy`'s replicas.
 
-  `split` and `max_examples` (eval only) are those of `build_input_fn`.
+  `split`, `max_examples` and `with_index` (eval only) are those of
+  `build_input_fn`.
   """
   replicas = strategy.num_replicas_in_sync
   check_divisible(global_batch_size, replicas)
   input_fn = build_input_fn(source, global_batch_size, is_training, config,
                             num_replicas=replicas, split=split,
-                            max_examples=max_examples)
+                            max_examples=max_examples, with_index=with_index)
   return strategy.distribute_datasets_from_function(input_fn)

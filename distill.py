@@ -241,7 +241,7 @@ def distill(cfg):
   cfg = cfg.validate()
   temperature, alpha = cfg.distill_temperature, cfg.distill_alpha
   cfg = cfg.replace(train_mode='finetune').validate()
-  source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
+  source = data_lib.source_for(cfg)
   num_train = source.num_examples(cfg.train_split)
   source.num_examples(cfg.eval_split)  # fails early if the split is absent
   strategy = runtime.prepare(cfg)

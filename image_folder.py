@@ -1,6 +1,13 @@
-"""A dataset source for a user's own images: `--dataset=folder:/path/to/root`.
+"""Dataset sources for a user's own images.
 
-Expected layout (JPEG and PNG, extensions .jpg .jpeg .png in any case):
+`--dataset=folder:/path/to/root`: labelled, one directory per class.
+`--dataset=unlabelled:/path/to/root`: every image anywhere under the root,
+without labels (pretraining, distillation); one split, `train`, whose
+examples have label -1 (`num_classes` is 0). Directories and files whose
+names start with '.' are skipped; the rest of this note holds for both.
+
+Expected layout of a labelled folder (JPEG and PNG, extensions .jpg .jpeg
+.png in any case):
 
     <root>/<split>/<class_name>/<image files>
     e.g. photos/train/cat/0001.jpg, photos/validation/dog/x.PNG
@@ -34,6 +41,8 @@ from absl import logging
 import tensorflow as tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# The one split of an unlabelled folder, the default --train_split.
+UNLABELLED_SPLIT = 'train'
 _ON_CORRUPT = ('fail', 'skip')
 # Threads mostly wait on file reads (gs://) or run TF's decode kernels, which
 # release the GIL, so more threads than cores still helps.
@@ -41,7 +50,8 @@ _VALIDATION_THREADS = 16
 
 
 class DatasetError(ValueError):
-  """A data-set problem, described in one user-facing line."""
+  """A data-set problem, described in one user-facing line (of any source:
+  data.DatasetError is this class)."""
 
 
 def _join(*parts):
@@ -60,7 +70,7 @@ def _clean_tf_message(message):
   return line.strip() or 'unknown error'
 
 
-def _decode(contents):
+def decode(contents):
   """Decodes encoded image bytes to uint8 [H, W, 3].
 
   `expand_animations=False` keeps the rank at 3 for any format decode_image
@@ -82,7 +92,7 @@ def _check_file(path):
   if not contents:
     return 'empty file (0 bytes)'
   try:
-    image = _decode(contents)
+    image = decode(contents)
   except tf.errors.OpError as e:
     return f'not a decodable image ({_clean_tf_message(e.message)})'
   if image.shape[0] == 0 or image.shape[1] == 0:
@@ -91,25 +101,29 @@ def _check_file(path):
 
 
 class ImageFolderBuilder:
-  """Images in `<root>/<split>/<class_name>/`, served like a TFDS builder.
+  """Images in `<root>/<split>/<class_name>/` (or, unlabelled, anywhere
+  under `<root>`), served like a TFDS builder.
 
   Attributes:
-    name: 'folder:<root>'.
-    class_names: sorted class directory names; a label is an index into it.
+    name: 'folder:<root>' ('unlabelled:<root>').
+    class_names: sorted class directory names; a label is an index into it
+      (unlabelled: none, and every label is -1).
     num_classes: len(class_names).
-    splits: sorted split directory names.
+    splits: sorted split directory names (unlabelled: ['train']).
     skipped: (path, reason) for every corrupt or unreadable image found
       (filled with on_corrupt='skip'; with 'fail' construction raises).
   """
 
-  def __init__(self, root, on_corrupt='fail'):
+  def __init__(self, root, on_corrupt='fail', labelled=True):
     """Scans and validates the tree.
 
     Args:
-      root: local or gs:// directory holding one directory per split.
+      root: local or gs:// directory holding one directory per split
+        (unlabelled: images at any depth).
       on_corrupt: 'fail' raises DatasetError on the first corrupt image (in
         split, class, file-name order); 'skip' drops corrupt images, logging
         one warning per file and a summary.
+      labelled: False: every image under root, recursively, label -1.
 
     Raises:
       DatasetError: root missing or not a directory, no split directories, a
@@ -123,11 +137,14 @@ class ImageFolderBuilder:
     root = str(root)
     self._root = root.rstrip('/') or '/'
     self._on_corrupt = on_corrupt
+    self._labelled = labelled
     self.skipped = []
-    # split -> list of (relative path, class name), sorted by class then file.
-    files, class_names = self._scan()
+    # split -> list of (relative path, class name), sorted by class then file
+    # (unlabelled: by path, class None).
+    files, class_names = self._scan() if labelled else self._scan_unlabelled()
     self._class_names = class_names
     index = {c: i for i, c in enumerate(class_names)}
+    index[None] = -1
     self._examples = {
         split: [(rel, index[c]) for rel, c in entries]
         for split, entries in self._validate(files).items()
@@ -139,7 +156,7 @@ class ImageFolderBuilder:
 
   @property
   def name(self):
-    return f'folder:{self._root}'
+    return f'{"folder" if self._labelled else "unlabelled"}:{self._root}'
 
   @property
   def class_names(self):
@@ -199,12 +216,16 @@ class ImageFolderBuilder:
 
     def load(example):
       contents = tf.io.read_file(tf.strings.join([prefix, example['id']]))
-      return {'image': _decode(contents), 'label': example['label'],
+      return {'image': decode(contents), 'label': example['label'],
               'id': example['id']}
 
     # Order only matters when the caller asked for a deterministic one.
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=not shuffle_files or seed is not None)
+
+  def ids(self, split):
+    """Paths relative to the root, in `as_dataset(split)` order."""
+    return [rel for rel, _ in self._split_examples(split)]
 
   def write_class_names(self, directory):
     """Writes `<directory>/class_names.txt`, one name per line, index order.
@@ -242,15 +263,45 @@ class ImageFolderBuilder:
         names.append(n)
     return names
 
-  def _scan(self):
-    """Lists split/class/file names; returns ({split: [(rel, cls)]}, classes)."""
+  def _check_root(self, layout):
     root = self._root
     if not tf.io.gfile.exists(root):
       raise DatasetError(f'dataset root {root} does not exist: expected a '
-                         'directory <root>/<split>/<class_name>/<images>')
+                         f'directory {layout}')
     if not tf.io.gfile.isdir(root):
       raise DatasetError(f'dataset root {root} is not a directory: expected '
-                         '<root>/<split>/<class_name>/<images>')
+                         f'{layout}')
+
+  def _scan_unlabelled(self):
+    """Every image file under root, at any depth; ({'train': [(rel, None)]},
+    [])."""
+    root = self._root
+    self._check_root('holding images (at any depth)')
+    images, ignored, hidden = [], 0, 0
+    for directory, subdirs, names in tf.io.gfile.walk(root):
+      # Pruned in place: walk() does not descend into hidden directories.
+      hidden += sum(d.startswith('.') for d in subdirs)
+      subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+      prefix = directory[len(root):].strip('/')
+      for name in names:
+        if not name.startswith('.') and _is_image_name(name):
+          images.append(_join(prefix, name) if prefix else name)
+        else:
+          ignored += 1
+    if ignored or hidden:
+      logging.info('%s: ignoring %d files that are hidden or not %s and %d '
+                   'hidden directories', self.name, ignored,
+                   ' '.join(IMAGE_EXTENSIONS), hidden)
+    if not images:
+      raise DatasetError(f'no images under {root}: expected files with '
+                         f'extension {", ".join(IMAGE_EXTENSIONS)} at any '
+                         'depth')
+    return {UNLABELLED_SPLIT: [(rel, None) for rel in sorted(images)]}, []
+
+  def _scan(self):
+    """Lists split/class/file names; returns ({split: [(rel, cls)]}, classes)."""
+    root = self._root
+    self._check_root('<root>/<split>/<class_name>/<images>')
     hidden = []
     class_dirs = {}  # split -> class names
     not_splits = []

@@ -10,8 +10,6 @@ is the prediction.
 
 - `knn_class_scores`, `knn_predict`, `knn_accuracy`: the computation on arrays
   (pure functions of their arguments).
-- `FeatureExtractor`: the features and labels of every real example of a
-  distributed eval dataset, gathered from all replicas.
 - `KnnMonitor`: the two pipelines of a run (bank: the first `knn_bank_size`
   train examples; queries: the eval split, every example once), both with
   eval preprocessing, built once and reused at every evaluation.
@@ -27,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import data as data_lib
+import feature_extractor
 
 
 def _normalized(features):
@@ -100,39 +99,6 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, num_classes,
   return float(np.mean(predicted == np.asarray(query_labels)))
 
 
-class FeatureExtractor:
-  """Features of the real (mask 1) examples of a distributed eval dataset.
-
-  `encode(images) -> [b, D] features` runs in every replica (one traced
-  function, reused); the features, labels and masks of all replicas are
-  gathered (`strategy.gather`, across workers too) and the padding examples
-  dropped, so every example of the split counts exactly once.
-  """
-
-  def __init__(self, strategy, encode):
-    def replica_fn(images, labels):
-      return (encode(images), tf.argmax(labels['labels'], 1),
-              labels['mask'])
-
-    @tf.function
-    def step(iterator):
-      outputs = strategy.run(replica_fn, next(iterator))
-      return tuple(strategy.gather(o, axis=0) for o in outputs)
-
-    self._step = step
-
-  def __call__(self, dataset, steps):
-    """(features [n, D] float32, labels [n] int64) as numpy arrays."""
-    iterator = iter(dataset)
-    features, labels = [], []
-    for _ in range(steps):
-      batch_features, batch_labels, mask = self._step(iterator)
-      keep = mask.numpy() > 0
-      features.append(batch_features.numpy()[keep])
-      labels.append(batch_labels.numpy()[keep])
-    return np.concatenate(features), np.concatenate(labels)
-
-
 @dataclasses.dataclass(frozen=True)
 class KnnResult:
   top_1_accuracy: float
@@ -170,13 +136,14 @@ class KnnMonitor:
           max_examples=config.knn_bank_size)
       self._query_data = data_lib.build_distributed_dataset(
           source, batch, False, strategy, config)
-    self._extract = FeatureExtractor(strategy, encode)
+    self._extract = feature_extractor.FeatureExtractor(strategy, encode)
 
   def features(self):
     """(bank, bank_labels, queries, query_labels), numpy, of the encoder now."""
-    bank, bank_labels = self._extract(self._bank_data, self._bank_steps)
-    queries, labels = self._extract(self._query_data, self._query_steps)
-    return bank, bank_labels, queries, labels
+    bank = self._extract(self._bank_data, self._bank_steps)
+    queries = self._extract(self._query_data, self._query_steps)
+    return (bank['features'], bank['label'], queries['features'],
+            queries['label'])
 
   def evaluate(self):
     """A `KnnResult` for the encoder's current weights."""

@@ -119,7 +119,8 @@ class SupervisedHead(keras.layers.Layer):
 class Model(keras.models.Model):
   """ResNet encoder with projection head and (optionally) supervised head.
 
-  Called as `model(features, training)` and returns
+  Called as `model(features, training)` (`blurred=True`: the batch went
+  through `blur_views` already) and returns
   `(projection_head_outputs, supervised_head_outputs)`, either possibly None:
   pretraining returns both (the supervised head only with
   `lineareval_while_pretraining`, on stop-gradient features); finetuning
@@ -163,11 +164,11 @@ class Model(keras.models.Model):
   # `__call__` rather than `call`, as in the original: Keras' Model.__call__
   # would open a `model/` name scope and rename every variable, and the
   # outputs may be None.
-  def __call__(self, inputs, training):
+  def __call__(self, inputs, training, blurred=False):
     cfg = self.config
     pretraining = training and cfg.train_mode == 'pretrain'
     views = tf.split(inputs, 2 if pretraining else 1, axis=-1)
-    if pretraining and cfg.use_blur:
+    if pretraining and cfg.use_blur and not blurred:
       # Blur is batched here rather than per example in the input pipeline.
       views = augment_batch.batch_random_blur(views, cfg.image_size,
                                               cfg.image_size)
@@ -181,6 +182,17 @@ class Model(keras.models.Model):
     # negatives) and the metrics are computed in float32.
     return tuple(None if t is None else tf.cast(t, tf.float32)
                  for t in self._heads(proj_out, sup_in, training))
+
+  def blur_views(self, inputs):
+    """A pretraining batch [B, H, W, 3 * 2] with the random blur that a
+    training call applies first (when `use_blur`); call the model on the
+    result with `blurred=True`, e.g. chunk by chunk (grad_cache.py)."""
+    if not self.config.use_blur:
+      return inputs
+    views = augment_batch.batch_random_blur(
+        tf.split(inputs, 2, axis=-1), self.config.image_size,
+        self.config.image_size)
+    return tf.concat(views, -1)
 
   def _encode(self, features, training, return_endpoints=False,
               encoder_training=None):

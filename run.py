@@ -1,5 +1,5 @@
 r"""SimCLR command line: pretrain, finetune, linear eval, eval, export,
-distillation and checkpoint conversion.
+distillation, checkpoint conversion and feature export.
 
     python run.py --train_mode=pretrain --dataset=shapes10 --use_tpu=False \
         --resnet_depth=18 --image_size=32 --train_batch_size=128 \
@@ -7,13 +7,15 @@ distillation and checkpoint conversion.
     python run.py --train_mode=distill --teacher=<SavedModel> ...  # distill.py
     python run.py --mode=convert --checkpoint=<any> --model_dir=<out> ...
                                                     # convert_checkpoint.py
+    python run.py --mode=embed --checkpoint=<any> --model_dir=<out> ...
+                                                    # embed.py
 
 Flags keep the original TF2 run.py's names, defaults and meanings (plus the
 TF1 README's `--train_summary_steps` and `--variable_schema`). This is the
 only module that reads FLAGS: every flag is a field of `config.Config` (its
 default and choices come from there), and the frozen Config of the run is
 what reaches the modes: training.py (pretrain, finetune), distill.py,
-convert_checkpoint.py. Nothing imports this module.
+convert_checkpoint.py, embed.py. Nothing imports this module.
 """
 import json
 import sys
@@ -30,6 +32,7 @@ import config as config_lib
 import convert_checkpoint
 import data as data_lib
 import distill
+import embed
 import runtime
 import storage
 import training
@@ -67,8 +70,11 @@ flags.DEFINE_integer('checkpoint_steps', _D.checkpoint_steps,
                      'provided, overrides checkpoint_epochs.')
 flags.DEFINE_string('eval_split', _D.eval_split, 'Split for evaluation.')
 flags.DEFINE_string('dataset', _D.dataset,
-                    'Name of a TFDS dataset, shapes10 (the embedded dataset) '
-                    'or folder:/path/to/root for your own images.')
+                    'Name of a TFDS dataset, shapes10 (the embedded dataset), '
+                    'folder:/path/to/root for your own images (one directory '
+                    'per class), unlabelled:/path/to/root (images at any '
+                    'depth, for pretraining) or tfrecord:/path/to/root '
+                    '(TFRecord files; splits are file patterns under it).')
 flags.DEFINE_bool('cache_dataset', _D.cache_dataset,
                   'Whether to cache the entire dataset in memory. If the '
                   'dataset is ImageNet, this is a very bad idea, but for '
@@ -77,7 +83,9 @@ flags.DEFINE_bool('cache_dataset', _D.cache_dataset,
 flags.DEFINE_enum('mode', _D.mode, list(config_lib.MODES),
                   'Whether to perform training or evaluation; convert: '
                   'write --checkpoint (any format) to --model_dir as a TF2 '
-                  'checkpoint and a released-format SavedModel.')
+                  'checkpoint and a released-format SavedModel; embed: '
+                  'write the features of --eval_split to '
+                  '--model_dir/embeddings/<split>.npz.')
 flags.DEFINE_enum('train_mode', _D.train_mode,
                   list(config_lib.TRAIN_MODES),
                   'The train mode controls different objectives and trainable '
@@ -186,6 +194,12 @@ flags.DEFINE_bool('fused_batch_norm', _D.fused_batch_norm,
                   'float32 step on CPU; equal up to float rounding. Unset: on '
                   'with mixed precision, off with float32 (the original\'s '
                   'arithmetic).')
+flags.DEFINE_integer('grad_cache_chunks', _D.grad_cache_chunks,
+                     'Pretraining: pass each replica\'s batch through the '
+                     'model in this many chunks with a gradient cache (Gao '
+                     'et al. 2021): the memory of a chunk, the negatives of '
+                     'the whole batch; batch norm then normalises per chunk. '
+                     '1: off.')
 flags.DEFINE_bool('jit_compile', _D.jit_compile,
                   'Compile the forward and backward pass with XLA (one '
                   'replica per process; off by default: slower on CPU).')
@@ -201,6 +215,16 @@ flags.DEFINE_bool('batched_augmentation', _D.batched_augmentation,
 flags.DEFINE_enum('on_corrupt', _D.on_corrupt, list(config_lib.ON_CORRUPT),
                   'Image folders: stop at an unreadable image, or skip it '
                   '(each one is logged).')
+flags.DEFINE_string('tfrecord_image_key', _D.tfrecord_image_key,
+                    '--dataset=tfrecord:<root>: the feature of the encoded '
+                    "images (unset: 'image', else 'image/encoded').")
+flags.DEFINE_string('tfrecord_label_key', _D.tfrecord_label_key,
+                    '--dataset=tfrecord:<root>: the int64 feature of the '
+                    "labels (unset: 'label', else 'image/class/label'; "
+                    'neither: unlabelled).')
+flags.DEFINE_integer('tfrecord_num_classes', _D.tfrecord_num_classes,
+                     '--dataset=tfrecord:<root>: number of classes (0: one '
+                     'more than the largest label of --train_split).')
 flags.DEFINE_integer('knn_monitor_steps', _D.knn_monitor_steps,
                      'Steps between kNN monitor evaluations while training '
                      '(0: off): weighted k-NN top-1 accuracy of the encoder\'s '
@@ -245,6 +269,10 @@ flags.DEFINE_float('kernel_scale', _D.kernel_scale,
 flags.DEFINE_float('convert_tolerance', _D.convert_tolerance,
                    'Conversion: largest output difference accepted, relative '
                    'to the output scale.')
+# Embedding (--mode=embed, embed.py).
+flags.DEFINE_bool('embed_proj_head', _D.embed_proj_head,
+                  'Embedding: also write proj_head_output next to '
+                  'final_avg_pool.')
 flags.DEFINE_integer('seed', _D.seed,
                      'Seed of the input pipelines (shuffling, augmentations) '
                      'and the initialisation, for reproducible runs; unset: '
@@ -281,16 +309,23 @@ def run_convert(cfg):
     sys.exit(1)
 
 
+def run_embed(cfg):
+  """--mode=embed (embed.py): prints the summary's JSON line."""
+  print(json.dumps(embed.embed(cfg)))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   console.show_run_lines_only(FLAGS.library_logs)
   try:
     cfg = config_from_flags()
-    if cfg.train_mode == 'distill':
-      run_distill(cfg)
-    elif cfg.mode == 'convert':
+    if cfg.mode == 'convert':
       run_convert(cfg)
+    elif cfg.mode == 'embed':
+      run_embed(cfg)
+    elif cfg.train_mode == 'distill':
+      run_distill(cfg)
     else:
       training.run(cfg)
   except (config_lib.ConfigError, data_lib.DatasetError,

@@ -164,6 +164,13 @@ def check_strategy(cfg, strategy):
         'step needs one replica per process (TPUs compile with XLA anyway).')
   for name in ('train_batch_size', 'eval_batch_size'):
     data_lib.check_divisible(getattr(cfg, name), replicas, f'--{name}')
+  per_replica = cfg.train_batch_size // replicas
+  if per_replica % cfg.grad_cache_chunks:
+    raise config_lib.ConfigError(
+        f'--grad_cache_chunks={cfg.grad_cache_chunks} does not divide the '
+        f'{per_replica} examples per replica (--train_batch_size='
+        f'{cfg.train_batch_size} over {replicas} replicas): use a divisor '
+        f'of {per_replica}.')
 
 
 def prepare(cfg):

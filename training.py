@@ -17,6 +17,7 @@ import tf_keras as keras
 import config as config_lib
 import data as data_lib
 import export
+import grad_cache
 import knn_monitor
 import metrics
 import model as model_lib
@@ -67,7 +68,12 @@ def compute_losses(model, features, labels, config, strategy=None):
 
 def make_train_step(model, optimizer, config, strategy=None):
   """`make_step` with the SimCLR losses (`compute_losses`): pretraining or
-  fine-tuning as `config.train_mode` says."""
+  fine-tuning as `config.train_mode` says; pretraining with
+  `grad_cache_chunks` > 1 computes them chunk by chunk (grad_cache.py)."""
+  if config.grad_cache_chunks > 1:
+    return grad_cache.make_grad_cache_step(model, optimizer, config,
+                                           strategy,
+                                           config.grad_cache_chunks)
   return runtime.make_step(
       model, optimizer, config, strategy,
       lambda features, labels: compute_losses(model, features, labels,
@@ -217,7 +223,8 @@ def run(cfg):
   """Pretraining or fine-tuning (`cfg.train_mode`): runs `cfg.mode`
   (train, eval or train_then_eval) for the run `cfg` describes; returns the
   evaluation result or None."""
-  source = data_lib.get_source(cfg.dataset, cfg.data_dir, cfg.on_corrupt)
+  source = data_lib.source_for(cfg)
+  data_lib.check_labelled(source, cfg)
   num_train = source.num_examples(cfg.train_split)
   num_eval = (source.num_examples(cfg.eval_split)  # fails early if absent
               if cfg.mode != 'train' or cfg.knn_monitor_steps else 0)

@@ -229,3 +229,99 @@ def test_run_writes_class_names_to_model_dir(tree, tmp_path):
       model_dir=str(model_dir), use_tpu=False).validate())
   assert (model_dir / 'class_names.txt').read_text().splitlines() == CLASSES
   assert (model_dir / 'ckpt-1.index').exists()
+
+
+# --- unlabelled folders: images at any depth, no classes ---------------------
+
+UNLABELLED = {
+    'a.jpg': (9, 9, 3),
+    'holiday/b.png': (12, 8, 3),
+    'holiday/day2/c.JPEG': (7, 11, 1),
+    'z/d.png': (6, 6, 4),
+}
+
+
+@pytest.fixture
+def unlabelled_tree(tmp_path):
+  root = tmp_path / 'photos'
+  for rel, shape in UNLABELLED.items():
+    _write(root / rel, _encode(rel, shape))
+  _write(root / '.thumbnails' / 'e.jpg', _encode('e.jpg', (4, 4, 3)))
+  _write(root / 'holiday' / '._b.png', b'macOS metadata')
+  _write(root / 'holiday' / 'notes.txt', b'ignored')
+  return root
+
+
+def test_unlabelled_folder_reads_every_image_at_any_depth(unlabelled_tree):
+  b = ImageFolderBuilder(unlabelled_tree, labelled=False)
+  assert b.name == f'unlabelled:{unlabelled_tree}'
+  assert (b.splits, b.num_classes, b.class_names) == (['train'], 0, [])
+  examples = _read(b, 'train')
+  assert [e['id'].decode() for e in examples] == sorted(UNLABELLED)
+  assert [e['label'] for e in examples] == [-1] * len(UNLABELLED)
+  assert [e['image'].shape for e in examples] == [
+      (h, w, 3) for h, w, _ in (UNLABELLED[r] for r in sorted(UNLABELLED))]
+
+
+def test_unlabelled_folder_errors(tmp_path):
+  (tmp_path / 'empty' / 'sub').mkdir(parents=True)
+  _write(tmp_path / 'empty' / 'sub' / 'x.txt', b'text')
+  with pytest.raises(DatasetError, match=r'^no images under .*empty: '
+                     r'expected files with extension \.jpg, \.jpeg, \.png '
+                     'at any depth$'):
+    ImageFolderBuilder(tmp_path / 'empty', labelled=False)
+  with pytest.raises(DatasetError, match='does not exist'):
+    ImageFolderBuilder(tmp_path / 'absent', labelled=False)
+  _write(tmp_path / 'one' / 'bad.jpg', b'not an image')
+  _write(tmp_path / 'one' / 'good.png', _encode('good.png', (5, 5, 3)))
+  with pytest.raises(DatasetError, match=r'^corrupt image .*one/bad\.jpg'):
+    ImageFolderBuilder(tmp_path / 'one', labelled=False)
+  kept = ImageFolderBuilder(tmp_path / 'one', on_corrupt='skip',
+                            labelled=False)
+  assert kept.num_examples('train') == 1
+
+
+def test_runs_that_need_labels_stop_on_an_unlabelled_folder(unlabelled_tree):
+  import config as config_lib  # pylint: disable=import-outside-toplevel
+  import data  # pylint: disable=import-outside-toplevel
+  source = data.get_source(f'unlabelled:{unlabelled_tree}')
+  cases = {
+      'pretrain': dict(),
+      'finetune': dict(train_mode='finetune'),
+      'knn': dict(lineareval_while_pretraining=False, knn_monitor_steps=5),
+  }
+  messages = {}
+  for name, changes in cases.items():
+    with pytest.raises(data.DatasetError) as error:
+      data.check_labelled(source, config_lib.Config(**changes))
+    messages[name] = str(error.value)
+  head = f'dataset unlabelled:{unlabelled_tree} has no labels, but '
+  assert messages == {
+      'pretrain': head + '--lineareval_while_pretraining (on by default) '
+                  'trains a linear head on them: pass '
+                  '--lineareval_while_pretraining=False.',
+      'finetune': head + '--train_mode=finetune trains a classifier on them.',
+      'knn': head + 'the kNN monitor evaluates with them: pass '
+             '--knn_monitor_steps=0.',
+  }
+  data.check_labelled(source, config_lib.Config(
+      lineareval_while_pretraining=False))
+
+
+def test_pretraining_on_an_unlabelled_folder(unlabelled_tree, tmp_path):
+  """Two steps of pretraining on 4 unlabelled images of different sizes
+  (a non-finite loss would stop it): a checkpoint with the projection head
+  and no supervised head."""
+  import config as config_lib  # pylint: disable=import-outside-toplevel
+  import training  # pylint: disable=import-outside-toplevel
+  model_dir = tmp_path / 'model'
+  training.run(config_lib.Config(
+      dataset=f'unlabelled:{unlabelled_tree}', lineareval_while_pretraining=
+      False, resnet_depth=18, width_multiplier=0.125, image_size=16,
+      train_batch_size=4, train_steps=2, use_blur=False, seed=0,
+      model_dir=str(model_dir), use_tpu=False).validate())
+  reader = tf.train.load_checkpoint(str(model_dir / 'ckpt-2'))
+  keys = reader.get_variable_to_shape_map()
+  assert not [k for k in keys if 'head_supervised' in k]
+  assert [k for k in keys if k.startswith('model/_projection_head')]
+  assert not (model_dir / 'class_names.txt').exists()
