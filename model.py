@@ -167,11 +167,10 @@ class Model(keras.models.Model):
   def __call__(self, inputs, training, blurred=False):
     cfg = self.config
     pretraining = training and cfg.train_mode == 'pretrain'
-    views = tf.split(inputs, 2 if pretraining else 1, axis=-1)
-    if pretraining and cfg.use_blur and not blurred:
+    if pretraining and not blurred:
       # Blur is batched here rather than per example in the input pipeline.
-      views = augment_batch.batch_random_blur(views, cfg.image_size,
-                                              cfg.image_size)
+      inputs = self.blur_views(inputs)
+    views = tf.split(inputs, 2 if pretraining else 1, axis=-1)
     # The TF1 linear-evaluation protocol: a frozen encoder's batch norm uses
     # and keeps its moving statistics while the heads train. (Exports keep
     # the released meaning of `trainable`: see `endpoints`.)

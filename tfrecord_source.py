@@ -77,17 +77,13 @@ class TfrecordSource:
     self._root = root.rstrip('/') or '/'
     self.name = PREFIX + self._root
     self._features = features
-    self._splits = {}
+    self._splits = {}  # split -> _Split, once read
     if not tf.io.gfile.isdir(self._root):
       raise DatasetError(
           f'TFRecord root {self._root} is not a directory: expected '
           f'{PREFIX}<directory of TFRecord files>.')
     self._keys = None
     self._num_classes = features.num_classes or None
-
-  @property
-  def splits(self):
-    return list(self._splits)
 
   def pattern(self, split):
     """The file pattern `split` reads."""

@@ -13,7 +13,8 @@ printing one JSON line per figure (all of them also go to --out):
 2. `train_step` (bench/train_step.py): ResNet-50 at 224 px, batch 128 and
    256, in float32, mixed_float16 and mixed_bfloat16, each with and without
    --jit_compile: images/s, GFLOP/s against a matmul ceiling measured in
-   the same run, peak GPU memory (--quick: ResNet-18 at 32 px, batch 8).
+   the same run, peak GPU memory (--quick: ResNet-18 at 32 px, batch 8,
+   every setting in one process).
 3. `gpu_pretraining`: run.py pretraining ResNet-18 on CIFAR-10 with the kNN
    monitor, in mixed_float16 with XLA on a GPU (float32 on a CPU): the
    last progress line's images/s and the monitor's kNN top-1 (--quick: 2
@@ -47,7 +48,7 @@ QUICK = dict(
     tests=['tests/test_speed_options.py::test_xla_refuses_several_replicas',
            'tests/test_speed_options.py::'
            'test_fused_batch_norm_freezes_like_the_unfused_layer'],
-    configs='r18_32_b8', seconds=1, matmul_size=256,
+    configs='r18_32_b8', seconds=1, matmul_size=256, in_process=True,
     pretrain=['--train_steps=2', '--train_batch_size=8',
               '--knn_monitor_steps=2', '--knn_bank_size=100',
               '--eval_steps=1', '--eval_batch_size=100',
@@ -96,7 +97,9 @@ def train_steps(plan):
                        f'--configs={plan["configs"]}',
                        f'--precisions={",".join(PRECISIONS)}',
                        f'--seconds={plan["seconds"]}',
-                       f'--matmul_size={plan["matmul_size"]}'], timeout=1800)
+                       f'--matmul_size={plan["matmul_size"]}',
+                       *(['--in_process'] if plan.get('in_process') else [])],
+                      timeout=1800)
   lines = [json.loads(line) for line in text.splitlines()
            if line.startswith('{')]
   if code:

@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+import common  # pylint: disable=g-import-not-at-top  (bench/)
 from config import Config  # pylint: disable=g-import-not-at-top
 import model as model_lib  # pylint: disable=g-import-not-at-top
-import train_step  # pylint: disable=g-import-not-at-top  (bench/)
 import training  # pylint: disable=g-import-not-at-top
 
 MODELS = {
@@ -83,13 +83,13 @@ def measure(model_name, batch, chunks, seconds):
   views = tf.random.uniform([batch, size, size, 6])
   labels = tf.one_hot(tf.range(batch) % classes, classes)
   step = tf.function(training.make_train_step(model, optimizer, cfg))
-  rate = train_step.timed(lambda: step(views, labels)['total_loss'], seconds)
+  rate = common.timed(lambda: step(views, labels)['total_loss'], seconds)
   return {'bench': 'grad_cache', 'model': model_name, 'batch': batch,
           'chunks': chunks, 'precision': cfg.precision,
           'device': 'GPU' if tf.config.list_physical_devices('GPU') else
                     'CPU',
           'images_per_s': round(rate * batch, 2),
-          **train_step.peak_memory()}
+          **common.peak_memory()}
 
 
 def in_subprocess(model_name, batch, chunks, limit_gb=0):
@@ -134,7 +134,7 @@ def main(argv):
     name, batch, chunks = FLAGS.one.split(',')
     print(json.dumps(measure(name, int(batch), int(chunks), FLAGS.seconds)))
     return
-  print(json.dumps({'bench': 'grad_cache', 'machine': train_step.machine()}),
+  print(json.dumps({'bench': 'grad_cache', 'machine': common.machine()}),
         flush=True)
   chunk_values = [int(k) for k in FLAGS.chunks]
   for name in FLAGS.models:

@@ -9,8 +9,8 @@ device), the step's FLOPs and achieved FLOP/s, and one JSON line with the
 machine's ceiling: the FLOP/s of a large matmul in float32 and bfloat16
 measured in the same run.
 
-Memory: each (config, precision) runs in its own subprocess, so its
-`peak_rss_mb` (the process's resident-set high-water mark: model, optimizer
+Memory: each (config, precision) runs in its own subprocess (unless
+--in_process), so its `peak_rss_mb` (the process's resident-set high-water mark: model, optimizer
 slots, activations of the step, TensorFlow itself) belongs to that setting
 alone; on a GPU `peak_gpu_mb` is TensorFlow's peak allocation on GPU:0.
 
@@ -21,11 +21,8 @@ step's graph; a multiply-add counts as 2.
 """
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -34,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+from common import machine, peak_memory, timed  # pylint: disable=g-import-not-at-top  (bench/)
 import model as model_lib  # pylint: disable=g-import-not-at-top
 import training  # pylint: disable=g-import-not-at-top
 from config import Config  # pylint: disable=g-import-not-at-top
@@ -62,27 +60,9 @@ flags.DEFINE_float('seconds', 20., 'Timed seconds per setting (after warm-up).')
 flags.DEFINE_integer('matmul_size', 4096, 'Side of the ceiling matmul.')
 flags.DEFINE_bool('one_setting', False, 'Internal: measure the single '
                   '--configs x --precisions setting in this process.')
-
-
-def machine():
-  gpus = tf.config.list_physical_devices('GPU')
-  return {'cpu_count': os.cpu_count(), 'platform': platform.platform(),
-          'processor': platform.processor(), 'gpus': len(gpus),
-          'tensorflow': tf.__version__}
-
-
-def timed(fn, seconds):
-  """Calls per second of `fn` (which returns a tensor) over `seconds`."""
-  fn().numpy()  # warm-up (tracing, first allocations)
-  fn().numpy()
-  calls, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds or calls < 3:
-    result = fn()
-    calls += 1
-    if calls % 5 == 0:
-      result.numpy()  # keep the host from running far ahead
-  result.numpy()
-  return calls / (time.perf_counter() - start)
+flags.DEFINE_bool('in_process', False, 'Measure every setting in this '
+                  'process (quicker: one start-up; peak memory is then that '
+                  'of all settings so far, not of each).')
 
 
 def matmul_ceiling(dtype, size, seconds):
@@ -148,16 +128,6 @@ def bench_step(name, setting, seconds):
           **peak_memory()}
 
 
-def peak_memory():
-  # ru_maxrss is in KiB on Linux.
-  memory = {'peak_rss_mb': round(
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-  if tf.config.list_physical_devices('GPU'):
-    memory['peak_gpu_mb'] = round(
-        tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20, 1)
-  return memory
-
-
 def measure_in_subprocess(name, precision):
   """bench_step(name, precision) in a fresh process: its own peak memory."""
   proc = subprocess.run(
@@ -190,8 +160,10 @@ def main(argv):
   for name in FLAGS.configs:
     for precision in FLAGS.precisions:
       try:
-        result = measure_in_subprocess(name, precision)
-      except RuntimeError as e:  # one setting's failure ends only that one
+        result = (bench_step(name, precision, FLAGS.seconds)
+                  if FLAGS.in_process else
+                  measure_in_subprocess(name, precision))
+      except (RuntimeError, tf.errors.OpError) as e:  # ends that one only
         failed += 1
         last = str(e).strip().splitlines()[-1][:300]
         print(json.dumps({'bench': 'train_step', 'config': name,

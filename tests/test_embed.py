@@ -135,3 +135,32 @@ def test_output_names():
       '/m/embeddings/train.-10%.npz', '/m/embeddings/train.10%-.npz',
       '/m/embeddings/a_b_c.npz']
   assert embed.output_path('gs://b/m', 'test') == 'gs://b/m/embeddings/test.npz'
+
+
+def test_an_unlabelled_folder_in_path_order(tmp_path):
+  """Images of different sizes at any depth: label -1, ids the relative
+  paths, each row the features of its own image (3 images, batches of 2)."""
+  import data_util  # pylint: disable=import-outside-toplevel
+  import runtime  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(0)
+  paths = ['a.png', 'b/c.png', 'b/d/e.png']
+  images = {}
+  for i, rel in enumerate(paths):
+    images[rel] = rng.randint(0, 256, (20 + 3 * i, 17, 3)).astype(np.uint8)
+    (tmp_path / 'photos' / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'photos' / rel).write_bytes(
+        tf.io.encode_png(images[rel]).numpy())
+  cfg = Config(dataset=f'unlabelled:{tmp_path / "photos"}', eval_split='train',
+               resnet_depth=18, width_multiplier=0.125, image_size=16,
+               eval_batch_size=2, lineareval_while_pretraining=False,
+               mode='embed', model_dir=str(tmp_path / 'm')).validate()
+  strategy = tf.distribute.get_strategy()
+  model = runtime.build_model(cfg, 0, strategy)
+  arrays = embed.embed_split(cfg, data_lib.source_for(cfg), strategy, model)
+  assert list(arrays['id']) == paths
+  np.testing.assert_array_equal(arrays['label'], [-1, -1, -1])
+  for row, rel in zip(arrays['final_avg_pool'], paths):
+    image = data_util.preprocess_image(images[rel], 16, 16, is_training=False,
+                                       test_crop=True)
+    expected = model.endpoints(image[None], training=False)['final_avg_pool']
+    np.testing.assert_allclose(row, expected[0], rtol=0, atol=1e-5)
