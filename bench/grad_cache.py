@@ -106,9 +106,12 @@ def in_subprocess(model_name, batch, chunks, limit_gb=0):
   oom = any(s in text for s in ('ResourceExhausted', 'OOM', 'bad_alloc',
                                 'Cannot allocate', 'MemoryError')) or (
                                     proc.returncode in (-9, 137))
+  last = (text.strip().splitlines() or ['no output'])[-1][:300]
+  if proc.returncode == -9:  # on Linux, usually the kernel's OOM killer
+    last = 'killed by SIGKILL (the kernel\'s out-of-memory killer?)'
   return {'bench': 'grad_cache', 'model': model_name, 'batch': batch,
-          'chunks': chunks, 'error': 'out of memory' if oom else
-          (text.strip().splitlines() or ['failed'])[-1][:300]}
+          'chunks': chunks, 'error': 'out of memory' if oom else last,
+          'detail': last}
 
 
 def largest_batch(model_name, chunks, gigabytes):
