@@ -141,19 +141,8 @@ def embed_split(cfg, source, strategy, model):
 
 
 def write_npz(path, arrays):
-  """`np.savez` to `path` through a temporary file and a rename (gs://
-  works); a failed write stops with storage.WriteFailed."""
+  """`np.savez` to `path` atomically (gs:// works); a failed write stops
+  with storage.WriteFailed."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  data = buffer.getvalue()
-  try:
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
-      f.write(data)
-    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
-  except Exception as e:  # pylint: disable=broad-except
-    if not storage.is_write_error(e):
-      raise
-    storage.remove(path + '.tmp')
-    raise storage.failed(os.path.basename(path), os.path.dirname(path), e,
-                         len(data), 'nothing else was written.') from None
+  storage.write_or_stop(path, buffer.getvalue(), 'nothing else was written.')

@@ -62,8 +62,10 @@ def _is_image_name(name):
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _clean_tf_message(message):
-  """Returns the first line of a TF error without op/function decorations."""
+def clean_tf_message(message):
+  """Returns the first line of a TF error (or its message) without
+  op/function decorations."""
+  message = getattr(message, 'message', message)
   line = str(message).strip().splitlines()[0] if str(message).strip() else ''
   line = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', line)
   line = re.sub(r'\s*\[Op:[^\]]*\]\s*$', '', line)
@@ -88,13 +90,13 @@ def _check_file(path):
     with tf.io.gfile.GFile(path, 'rb') as f:
       contents = f.read()
   except (tf.errors.OpError, OSError) as e:
-    return f'unreadable ({_clean_tf_message(getattr(e, "message", e))})'
+    return f'unreadable ({clean_tf_message(e)})'
   if not contents:
     return 'empty file (0 bytes)'
   try:
     image = decode(contents)
   except tf.errors.OpError as e:
-    return f'not a decodable image ({_clean_tf_message(e.message)})'
+    return f'not a decodable image ({clean_tf_message(e)})'
   if image.shape[0] == 0 or image.shape[1] == 0:
     return f'image has no pixels (shape {image.shape})'
   return None

@@ -368,16 +368,9 @@ def step_plan(cfg, num_train_examples):
 def write_json(path, obj):
   """Writes `obj` as JSON to `path` atomically (gs:// works); a failed
   write leaves any earlier file and stops with storage.WriteFailed."""
-  try:
-    storage.write_json(path, obj)
-  except Exception as e:  # pylint: disable=broad-except
-    if not storage.is_write_error(e):
-      raise
-    storage.remove(path + '.tmp')
-    raise storage.failed(os.path.basename(path), os.path.dirname(path), e,
-                         len(json.dumps(obj)), 'the checkpoints are saved: '
-                         'free some space and rerun the same command.'
-                         ) from None
+  storage.write_or_stop(path, json.dumps(obj).encode(),
+                        'the checkpoints are saved: free some space and '
+                        'rerun the same command.')
 
 
 def save_checkpoint(manager, step, model, optimizer):

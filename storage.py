@@ -60,12 +60,32 @@ def _cause(error):
   return f'{type(error).__name__}: {(lines or [""])[-1][:160]}'
 
 
-def write_json(path, obj):
-  """Writes `obj` as JSON to `path` through a temporary file and a rename,
-  so readers see the old file or the new one, never part of one."""
-  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-    f.write(json.dumps(obj))
+def write_bytes(path, data):
+  """Writes `data` to `path` through a temporary file and a rename, so
+  readers see the old file or the new one, never part of one."""
+  with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
+    f.write(data)
   tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+
+
+def write_json(path, obj):
+  """`obj` as JSON, written as `write_bytes` writes."""
+  write_bytes(path, json.dumps(obj).encode())
+
+
+def write_or_stop(path, data, still):
+  """`write_bytes` (creating the directory); a failed write removes the
+  temporary file, so any earlier file stays, and stops with WriteFailed;
+  `still` says what remains safe."""
+  try:
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    write_bytes(path, data)
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_write_error(e):
+      raise
+    remove(path + '.tmp')
+    raise failed(os.path.basename(path), os.path.dirname(path), e,
+                 len(data), still) from None
 
 
 def remove(path):

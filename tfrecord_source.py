@@ -61,11 +61,6 @@ class _Split:
   max_label: int
 
 
-def _first_line(error):
-  text = str(getattr(error, 'message', error)).strip()
-  return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 class TfrecordSource:
   """TFRecord files under a root, behind the source interface of data.py."""
 
@@ -102,8 +97,8 @@ class TfrecordSource:
       files = sorted(f for f in tf.io.gfile.glob(pattern)
                      if not tf.io.gfile.isdir(f))
     except tf.errors.OpError as e:
-      raise DatasetError(f'cannot list {pattern} ({_first_line(e)}).'
-                         ) from None
+      raise DatasetError(f'cannot list {pattern} '
+                         f'({image_folder.clean_tf_message(e)}).') from None
     if not files:
       present = sorted(tf.io.gfile.listdir(self._root))[:4]
       raise DatasetError(
@@ -125,7 +120,7 @@ class TfrecordSource:
       record = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
     except tf.errors.OpError as e:
       raise DatasetError(f'{path} is not a readable TFRecord file '
-                         f'({_first_line(e)}).') from None
+                         f'({image_folder.clean_tf_message(e)}).') from None
     if record is None:
       raise DatasetError(f'{path} holds no records: expected TFRecord files '
                          'of tf.train.Example.')
@@ -215,7 +210,7 @@ class TfrecordSource:
                     tf.concat([labels, [-1]], 0)))))
       except tf.errors.OpError as e:
         raise DatasetError(f'cannot read split {split!r} ({self.pattern(split)}'
-                           f'): {_first_line(e)}.') from None
+                           f'): {image_folder.clean_tf_message(e)}.') from None
       if not count:
         raise DatasetError(f'split {split!r} ({self.pattern(split)}) holds no '
                            'records.')

@@ -213,7 +213,7 @@ def test_sharding_by_input_pipeline(tree):
 def test_error_messages_drop_tf_decorations():
   raw = ('{{function_node __wrapped__DecodeImage_device_/job:localhost/'
          'replica:0/task:0/device:CPU:0}} Input is empty. [Op:DecodeImage]')
-  assert image_folder._clean_tf_message(raw) == 'Input is empty.'
+  assert image_folder.clean_tf_message(raw) == 'Input is empty.'
 
 
 def test_run_writes_class_names_to_model_dir(tree, tmp_path):
