@@ -17,14 +17,19 @@ architecture the same way, on the test split:
   that `run.py` trains on stop-gradient features while pretraining.
 
 Prints one JSON line: both results, steps, images seen, wall times, the
-machine and the pretraining command. The defaults are the budget for 30
-minutes on 2 CPU cores (see README); scale up by flags only, e.g. on a GPU:
+machine and the pretraining command. The defaults are the recipe tuned for
+30 minutes of pretraining on 2 CPU cores with the speed options (bfloat16,
+which turns on fused batch norm, and batched augmentation): see the README
+for what was tried and the results. Scale by flags only, e.g.:
 
-  python bench/learning.py            # 2 CPU cores: about 25 of 30 minutes
+  python bench/learning.py            # 2 CPU cores: 30 minutes + evaluation
   python bench/learning.py --train_steps=12 --knn_bank_size=2000 \\
       --eval_steps=4                  # a check of the path, a few minutes
   python bench/learning.py --train_steps=9800 --train_batch_size=512 \\
       --warmup_epochs=10 --checkpoint_steps=1000   # GPU: 500 epochs of 10k
+
+bench/learning_vs_original.py runs the same recipe through the original's
+run.py and ours, evaluated by this file's code.
 
 A `--model_dir` that already holds the finished pretraining is reused
 (`run.py` resumes, finds nothing left to do); its wall time is then only
@@ -48,6 +53,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
+import checkpoints  # pylint: disable=g-import-not-at-top
 import config as config_lib  # pylint: disable=g-import-not-at-top
 import data as data_lib  # pylint: disable=g-import-not-at-top
 import knn_monitor  # pylint: disable=g-import-not-at-top
@@ -57,8 +63,9 @@ sys.path.insert(0, str(ROOT / 'bench'))
 from augment import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def argument_parser(description):
+  """The pretraining recipe's and the evaluation's options."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument('--dataset', default='cifar10')
   p.add_argument('--data_dir', default=str(ROOT.parent / 'shared' / 'tfds'))
   p.add_argument('--train_split', default='train')
@@ -66,17 +73,21 @@ def parse_args(argv=None):
   p.add_argument('--model_dir', default=None,
                  help='where run.py writes (default: a new temporary dir)')
   # The pretraining recipe: run.py's flags of the same names.
-  p.add_argument('--train_steps', type=int, default=110)
-  p.add_argument('--train_batch_size', type=int, default=256)
-  p.add_argument('--learning_rate', type=float, default=1.0)
-  p.add_argument('--temperature', type=float, default=0.5)
+  p.add_argument('--train_steps', type=int, default=630)
+  p.add_argument('--train_batch_size', type=int, default=128)
+  p.add_argument('--learning_rate', type=float, default=2.0)
+  p.add_argument('--temperature', type=float, default=0.2)
   p.add_argument('--weight_decay', type=float, default=1e-4)
   p.add_argument('--warmup_epochs', type=float, default=0.3)
   p.add_argument('--color_jitter_strength', type=float, default=0.5)
   p.add_argument('--resnet_depth', type=int, default=18)
   p.add_argument('--width_multiplier', type=int, default=1)
   p.add_argument('--image_size', type=int, default=32)
-  p.add_argument('--checkpoint_steps', type=int, default=50)
+  p.add_argument('--checkpoint_steps', type=int, default=100)
+  p.add_argument('--precision', default='mixed_bfloat16',
+                 help="our run.py's --precision (the speed option on CPUs "
+                 'with bfloat16, as on TPUs; float32 is the original\'s '
+                 'arithmetic)')
   p.add_argument('--run_flag', action='append', default=[],
                  help='extra flag for run.py, e.g. --run_flag=--global_bn=False'
                  ' (repeatable)')
@@ -88,30 +99,44 @@ def parse_args(argv=None):
   p.add_argument('--eval_steps', type=int, default=0,
                  help='eval batches of test queries (0: the whole split)')
   p.add_argument('--seed', type=int, default=0,
-                 help='initialisation of the random encoder, probe splits')
-  return p.parse_args(argv)
+                 help="our run.py's --seed (initialisation, input order, "
+                 'augmentations); the random encoder\'s initialisation and '
+                 "the probe's validation split")
+  return p
 
 
-def pretrain_command(args, model_dir):
-  """The run.py command line of the pretraining."""
-  return [sys.executable, str(ROOT / 'run.py'), '--use_tpu=False',
-          '--mode=train', '--train_mode=pretrain',
-          f'--dataset={args.dataset}', f'--data_dir={args.data_dir}',
-          f'--train_split={args.train_split}',
-          f'--eval_split={args.eval_split}',
-          f'--train_steps={args.train_steps}',
-          f'--train_batch_size={args.train_batch_size}',
-          f'--learning_rate={args.learning_rate}',
-          f'--temperature={args.temperature}',
-          f'--weight_decay={args.weight_decay}',
-          f'--warmup_epochs={args.warmup_epochs}',
-          f'--color_jitter_strength={args.color_jitter_strength}',
-          '--use_blur=False', f'--resnet_depth={args.resnet_depth}',
-          f'--width_multiplier={args.width_multiplier}',
-          f'--image_size={args.image_size}',
-          f'--checkpoint_steps={args.checkpoint_steps}',
-          '--train_summary_steps=10', '--lineareval_while_pretraining=True',
-          f'--model_dir={model_dir}', *args.run_flag]
+def parse_args(argv=None):
+  return argument_parser(__doc__.split('\n')[0]).parse_args(argv)
+
+
+def pretrain_command(args, model_dir, run_py=None):
+  """The command line of the pretraining with ours or the original's run.py.
+
+  `run_py`: None for ours, else the original's (google-research/simclr
+  tf2/run.py), which gets only flags it has: the recipe, not --seed or
+  --precision.
+  """
+  command = [
+      sys.executable, str(run_py or ROOT / 'run.py'), '--use_tpu=False',
+      '--mode=train', '--train_mode=pretrain',
+      f'--dataset={args.dataset}', f'--data_dir={args.data_dir}',
+      f'--train_split={args.train_split}', f'--eval_split={args.eval_split}',
+      f'--train_steps={args.train_steps}',
+      f'--train_batch_size={args.train_batch_size}',
+      f'--learning_rate={args.learning_rate}',
+      f'--temperature={args.temperature}',
+      f'--weight_decay={args.weight_decay}',
+      f'--warmup_epochs={args.warmup_epochs}',
+      f'--color_jitter_strength={args.color_jitter_strength}',
+      '--use_blur=False', f'--resnet_depth={args.resnet_depth}',
+      f'--width_multiplier={args.width_multiplier}',
+      f'--image_size={args.image_size}',
+      f'--checkpoint_steps={args.checkpoint_steps}',
+      '--lineareval_while_pretraining=True', f'--model_dir={model_dir}']
+  if run_py is None:
+    command += [f'--seed={args.seed}', f'--precision={args.precision}',
+                '--train_summary_steps=10']
+  return command + args.run_flag
 
 
 @tf.function(reduce_retracing=True)
@@ -190,6 +215,34 @@ def evaluate_encoder(cfg, source, model, seed, head=False):
   return result
 
 
+def evaluation_config(args):
+  """The evaluator's Config: the pretrained architecture, eval settings."""
+  return config_lib.Config(
+      dataset=args.dataset, data_dir=args.data_dir,
+      train_split=args.train_split, eval_split=args.eval_split,
+      train_mode='pretrain', lineareval_while_pretraining=True,
+      resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
+      image_size=args.image_size, eval_batch_size=args.eval_batch_size,
+      eval_steps=args.eval_steps, knn_bank_size=args.knn_bank_size).validate()
+
+
+def evaluate_checkpoint(cfg, source, seed, checkpoint=None):
+  """evaluate_encoder's results for a checkpoint, or (None) a random encoder.
+
+  The random encoder is the architecture initialised under `seed`. A
+  checkpoint may be ours or the original's: `checkpoints.restore_model`
+  reads both and stops unless every encoder variable was restored.
+  """
+  # Python's, numpy's and TensorFlow's seeds: unseeded Keras initializers
+  # draw their seeds from Python's `random`.
+  keras.utils.set_random_seed(seed)
+  model = model_lib.Model(source.num_classes, cfg)
+  model(tf.zeros([1, cfg.image_size, cfg.image_size, 3]), training=False)
+  if checkpoint:
+    checkpoints.restore_model(model, checkpoint)
+  return evaluate_encoder(cfg, source, model, seed, head=bool(checkpoint))
+
+
 def main(argv=None):
   args = parse_args(argv)
   model_dir = args.model_dir or tempfile.mkdtemp(prefix='simclr_learning_')
@@ -204,36 +257,20 @@ def main(argv=None):
              'its message is above.')
   pretrain_s = time.time() - start
 
-  cfg = config_lib.Config(
-      dataset=args.dataset, data_dir=args.data_dir,
-      train_split=args.train_split, eval_split=args.eval_split,
-      train_mode='pretrain', lineareval_while_pretraining=True,
-      resnet_depth=args.resnet_depth, width_multiplier=args.width_multiplier,
-      image_size=args.image_size, eval_batch_size=args.eval_batch_size,
-      eval_steps=args.eval_steps, knn_bank_size=args.knn_bank_size).validate()
+  cfg = evaluation_config(args)
   source = data_lib.get_source(cfg.dataset, cfg.data_dir)
   num_train = source.num_examples(cfg.train_split)
-  results = {}
-  for name in ('random', 'pretrained'):
-    # Python's, numpy's and TensorFlow's seeds: unseeded Keras initializers
-    # draw their seeds from Python's `random`.
-    keras.utils.set_random_seed(args.seed)
-    model = model_lib.Model(source.num_classes, cfg)
-    model(tf.zeros([1, cfg.image_size, cfg.image_size, 3]), training=False)
-    if name == 'pretrained':
-      path = tf.train.latest_checkpoint(model_dir)
-      # Every model variable from the checkpoint; its optimizer is not needed.
-      tf.train.Checkpoint(model=model).restore(
-          path).assert_existing_objects_matched().expect_partial()
-    results[name] = evaluate_encoder(cfg, source, model, args.seed,
-                                     head=name == 'pretrained')
+  results = {
+      'random': evaluate_checkpoint(cfg, source, args.seed),
+      'pretrained': evaluate_checkpoint(cfg, source, args.seed,
+                                        tf.train.latest_checkpoint(model_dir))}
   total_s = time.time() - start
   pairs = args.train_steps * args.train_batch_size
   line = {
       'bench': 'learning', 'dataset': args.dataset,
       'model': f'ResNet-{args.resnet_depth} width {args.width_multiplier} '
                f'at {args.image_size}px',
-      'train_steps': args.train_steps,
+      'precision': args.precision, 'train_steps': args.train_steps,
       'train_batch_size': args.train_batch_size,
       'images_seen': pairs, 'views_seen': 2 * pairs,
       'epochs': round(pairs / num_train, 2),
