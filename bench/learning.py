@@ -45,13 +45,22 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The environment run.py gets: the user's. Our run.py hides TensorFlow's
+# start-up lines itself unless TF_CPP_MIN_LOG_LEVEL is set, which
+# hide_native_startup does below for this process only.
+RUN_ENV = dict(os.environ)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import console  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+console.hide_native_startup()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
+
+tf.get_logger().setLevel('ERROR')  # Keras deprecation notes: not the reader's business
 
 import checkpoints  # pylint: disable=g-import-not-at-top
 import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -250,8 +259,8 @@ def main(argv=None):
   command = pretrain_command(args, model_dir)
   print('pretraining: ' + shlex.join(command[1:]), file=sys.stderr,
         flush=True)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+  code = subprocess.run(command, cwd=ROOT, env=RUN_ENV,
+                        check=False).returncode
   if code:
     sys.exit(f'error: the pretraining (run.py) stopped with exit code {code}; '
              'its message is above.')

@@ -36,7 +36,6 @@ the budget, e.g. ours with the speed options against the original:
 """
 import argparse
 import json
-import os
 import pathlib
 import shlex
 import statistics
@@ -109,7 +108,7 @@ def pretrain(args, code, seed, model_dir):
   else:
     command = learning.pretrain_command(recipe, model_dir)
     cwd, env_extra = ROOT, {}
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **env_extra)
+  env = dict(learning.RUN_ENV, **env_extra)
   log_path = pathlib.Path(model_dir) / 'pretrain.log'
   print(f'{code}, seed {seed}: ' + shlex.join(command[1:]) + f'  > {log_path}',
         file=sys.stderr, flush=True)
