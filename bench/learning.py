@@ -47,20 +47,20 @@ import time
 
 # The environment run.py gets: the user's. Our run.py hides TensorFlow's
 # start-up lines itself unless TF_CPP_MIN_LOG_LEVEL is set, which
-# hide_native_startup does below for this process only.
+# hide_native_startup does below for this process only (run as a script:
+# an importer keeps its own environment).
 RUN_ENV = dict(os.environ)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-console.hide_native_startup()
+if __name__ == '__main__':
+  console.hide_native_startup()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
-
-tf.get_logger().setLevel('ERROR')  # Keras deprecation notes: not the reader's business
 
 import checkpoints  # pylint: disable=g-import-not-at-top
 import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -253,6 +253,7 @@ def evaluate_checkpoint(cfg, source, seed, checkpoint=None):
 
 
 def main(argv=None):
+  tf.get_logger().setLevel('ERROR')  # Keras deprecation notes
   args = parse_args(argv)
   model_dir = args.model_dir or tempfile.mkdtemp(prefix='simclr_learning_')
   start = time.time()

@@ -45,7 +45,13 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
+
+import console  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == '__main__':  # before TensorFlow's import (in learning)
+  console.hide_native_startup()
 
 import learning  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -152,6 +158,7 @@ def summarise(records, codes):
 
 
 def main(argv=None):
+  tf.get_logger().setLevel('ERROR')  # Keras deprecation notes
   args = parse_args(argv)
   work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(
       prefix='simclr_learning_vs_original_'))

@@ -1,5 +1,6 @@
 """bench/learning.py and bench/learning_vs_original.py: the commands they run
 and the summary's arithmetic (the runs themselves are benchmarks, not tests)."""
+import os
 import pathlib
 import sys
 
@@ -8,8 +9,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'bench'))
 
+# The benches set TF_CPP_MIN_LOG_LEVEL for themselves (bench/augment.py on
+# import); later tests in this worker run run.py with the user's console.
+_ENVIRON = dict(os.environ)
 import learning  # noqa: E402  pylint: disable=wrong-import-position
 import learning_vs_original  # noqa: E402  pylint: disable=wrong-import-position
+os.environ.clear()
+os.environ.update(_ENVIRON)
 
 # Flags our run.py has and the original's does not: an unknown flag stops
 # the original's absl parser before it trains.
