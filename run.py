@@ -275,8 +275,10 @@ flags.DEFINE_bool('embed_proj_head', _D.embed_proj_head,
                   'final_avg_pool.')
 flags.DEFINE_integer('seed', _D.seed,
                      'Seed of the input pipelines (shuffling, augmentations) '
-                     'and the initialisation, for reproducible runs; unset: '
-                     'unseeded, as the original.')
+                     'and the initialisation: the same batches, views and '
+                     'initial weights (multi-threaded float arithmetic can '
+                     'still make two runs drift apart); unset: unseeded, as '
+                     'the original.')
 
 
 def config_from_flags(**overrides):
