@@ -1,6 +1,11 @@
 """console.py: which log records reach the user's console."""
 import logging
 import os
+import re
+import subprocess
+import sys
+
+from absl import logging as absl_logging
 
 import conftest
 import console
@@ -23,3 +28,46 @@ def test_run_lines_pass_and_library_lines_below_error_do_not():
     assert not keep(record(library))
     assert not keep(record(library, logging.WARNING))
     assert keep(record(library, logging.ERROR))
+
+
+def test_library_logs_keeps_every_python_line():
+  tf_logger = logging.getLogger('tensorflow')
+  level = tf_logger.level
+  handler = absl_logging.get_absl_handler()
+  filters = list(handler.filters)
+  try:
+    tf_logger.setLevel(logging.INFO)
+    console.show_run_lines_only(library_logs=True)
+    assert handler.filters == filters
+    assert tf_logger.level == logging.INFO
+    console.show_run_lines_only()
+    assert tf_logger.level == logging.ERROR
+    added = [f for f in handler.filters if f not in filters]
+    library = os.path.join(os.sep, 'usr', 'lib', 'tf_keras', 'save.py')
+    assert len(added) == 1 and not added[0].filter(record(library))
+  finally:
+    handler.filters[:] = filters
+    tf_logger.setLevel(level)
+
+
+NATIVE_LINE = re.compile(r'^[IWEF]\d{4} ', re.MULTILINE)  # glog's prefix
+
+
+def native_lines(env_extra):
+  """TensorFlow's native lines on stderr of a process that starts as run.py
+  does (console.hide_native_startup, then TensorFlow works)."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  env.update(env_extra)
+  code = ('import console; console.hide_native_startup(); '
+          'import tensorflow as tf; print(float(tf.reduce_sum(tf.ones(3))))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=conftest.ROOT,
+                        env=env, capture_output=True, text=True, check=True)
+  assert proc.stdout.strip() == '3.0'
+  return NATIVE_LINE.findall(proc.stderr)
+
+
+def test_native_lines_are_hidden_unless_the_user_sets_the_level():
+  assert not native_lines({})
+  # oneDNN's start-up note (and on a GPU-less machine with CUDA libraries,
+  # cuInit's): what the usual variable brings back.
+  assert native_lines({'TF_CPP_MIN_LOG_LEVEL': '0'})
