@@ -20,6 +20,7 @@ import tempfile
 
 _PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 _NATIVE_LEVEL = 'TF_CPP_MIN_LOG_LEVEL'
+_level_set_here = False
 
 
 @contextlib.contextmanager
@@ -50,12 +51,24 @@ def hide_native_startup():
   TF_CPP_MIN_LOG_LEVEL, set here to 2 (errors only) unless the user set it,
   which also turns the capture off.
   """
+  global _level_set_here
   if _NATIVE_LEVEL in os.environ:
     return
   os.environ[_NATIVE_LEVEL] = '2'
+  _level_set_here = True
   with _stderr_captured():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.list_physical_devices()
+
+
+def user_environment():
+  """This process's environment without the level `hide_native_startup`
+  set: what a child run.py gets, so it hides its own start-up lines (and
+  keeps a level the user set)."""
+  env = dict(os.environ)
+  if _level_set_here:
+    env.pop(_NATIVE_LEVEL, None)
+  return env
 
 
 class _RunLinesOnly(logging.Filter):

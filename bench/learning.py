@@ -37,7 +37,6 @@ that of the check.
 """
 import argparse
 import json
-import os
 import pathlib
 import shlex
 import subprocess
@@ -45,17 +44,12 @@ import sys
 import tempfile
 import time
 
-# The environment run.py gets: the user's. Our run.py hides TensorFlow's
-# start-up lines itself unless TF_CPP_MIN_LOG_LEVEL is set, which
-# hide_native_startup does below for this process only (run as a script:
-# an importer keeps its own environment).
-RUN_ENV = dict(os.environ)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # an importer keeps its own environment
   console.hide_native_startup()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -260,7 +254,7 @@ def main(argv=None):
   command = pretrain_command(args, model_dir)
   print('pretraining: ' + shlex.join(command[1:]), file=sys.stderr,
         flush=True)
-  code = subprocess.run(command, cwd=ROOT, env=RUN_ENV,
+  code = subprocess.run(command, cwd=ROOT, env=console.user_environment(),
                         check=False).returncode
   if code:
     sys.exit(f'error: the pretraining (run.py) stopped with exit code {code}; '

@@ -114,7 +114,7 @@ def pretrain(args, code, seed, model_dir):
   else:
     command = learning.pretrain_command(recipe, model_dir)
     cwd, env_extra = ROOT, {}
-  env = dict(learning.RUN_ENV, **env_extra)
+  env = dict(console.user_environment(), **env_extra)
   log_path = pathlib.Path(model_dir) / 'pretrain.log'
   print(f'{code}, seed {seed}: ' + shlex.join(command[1:]) + f'  > {log_path}',
         file=sys.stderr, flush=True)

@@ -53,21 +53,28 @@ def test_library_logs_keeps_every_python_line():
 NATIVE_LINE = re.compile(r'^[IWEF]\d{4} ', re.MULTILINE)  # glog's prefix
 
 
-def native_lines(env_extra):
-  """TensorFlow's native lines on stderr of a process that starts as run.py
-  does (console.hide_native_startup, then TensorFlow works)."""
+def start_as_run_py(env_extra):
+  """A process that starts as run.py does (console.hide_native_startup, then
+  TensorFlow works): TensorFlow's native lines on its stderr, and the level
+  its child run.py would get (console.user_environment)."""
   env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
   env.update(env_extra)
   code = ('import console; console.hide_native_startup(); '
-          'import tensorflow as tf; print(float(tf.reduce_sum(tf.ones(3))))')
+          'import tensorflow as tf; print(float(tf.reduce_sum(tf.ones(3)))); '
+          "print(console.user_environment().get('TF_CPP_MIN_LOG_LEVEL'))")
   proc = subprocess.run([sys.executable, '-c', code], cwd=conftest.ROOT,
                         env=env, capture_output=True, text=True, check=True)
-  assert proc.stdout.strip() == '3.0'
-  return NATIVE_LINE.findall(proc.stderr)
+  total, child_level = proc.stdout.split()
+  assert total == '3.0'
+  return NATIVE_LINE.findall(proc.stderr), child_level
 
 
 def test_native_lines_are_hidden_unless_the_user_sets_the_level():
-  assert not native_lines({})
+  lines, child_level = start_as_run_py({})
+  assert not lines
+  assert child_level == 'None'  # the child hides its own start-up lines
   # oneDNN's start-up note (and on a GPU-less machine with CUDA libraries,
   # cuInit's): what the usual variable brings back.
-  assert native_lines({'TF_CPP_MIN_LOG_LEVEL': '0'})
+  lines, child_level = start_as_run_py({'TF_CPP_MIN_LOG_LEVEL': '0'})
+  assert lines
+  assert child_level == '0'
